@@ -1,0 +1,11 @@
+"""Kernel families: each ``ops/<name>/`` holds a PyTorch reference and a Triton fast path.
+
+The public functions are imported here eagerly: a lazy ``__getattr__`` would be shadowed by the subpackage of the
+same name (``tilewise.ops.hadamard``) once that is imported. No op module imports Triton at import time; each loads
+its ``triton.py`` only when the Triton backend runs.
+"""
+
+from tilewise.ops.blockquant import dequantize_blockwise, quantize_blockwise
+from tilewise.ops.hadamard import hadamard
+
+__all__ = ["dequantize_blockwise", "hadamard", "quantize_blockwise"]

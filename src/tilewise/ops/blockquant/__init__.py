@@ -1,0 +1,113 @@
+"""Block-wise quantize / dequantize kernels: one absmax scale per block, codes into a small sorted codebook.
+
+The spec is ``reference.py`` (and README.md beside it); ``triton.py`` is the fused GPU path and equals it bit for
+bit. Most users want the typed wrapper :func:`tilewise.quant.quantize`; these are the raw ops it calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tilewise._backend import resolve_backend
+from tilewise.ops.blockquant.reference import (
+    dequantize_blockwise_ref,
+    midpoints,
+    pack_nibbles,
+    quantize_blockwise_ref,
+    unpack_nibbles,
+)
+
+__all__ = [
+    "dequantize_blockwise",
+    "midpoints",
+    "pack_nibbles",
+    "quantize_blockwise",
+    "unpack_nibbles",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_BLOCK, MAX_BLOCK = 32, 4096
+
+
+def check_block_size(block_size: int) -> None:
+    """Raise ``ValueError`` unless ``block_size`` is a power of two in [32, 4096]."""
+    ok = isinstance(block_size, int) and not isinstance(block_size, bool)
+    if not ok or not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}, got {block_size!r}")
+
+
+def _check_code(code: torch.Tensor, bits: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if code.ndim != 1 or not 2 <= code.numel() <= 2**bits:
+        raise ValueError(f"a {bits}-bit codebook is a 1-D tensor of 2..{2**bits} values, got shape {tuple(code.shape)}")
+
+
+def quantize_blockwise(
+    x: torch.Tensor,
+    code: torch.Tensor,
+    block_size: int = 256,
+    *,
+    bits: int = 8,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (any shape, fp32/fp16/bf16, read flat: ``n`` elements) onto the sorted codebook ``code [K]``.
+
+    Returns ``(codes, scales)``: ``uint8 [n]`` (8-bit) or packed ``uint8 [ceil(n/2)]`` (4-bit, first element in
+    the high nibble), and fp32 absmax scales ``[ceil(n / block_size)]``. Nearest rounding by default (ties to the
+    lower code); ``stochastic=True`` rounds unbiasedly (``generator`` drives the reference, ``seed`` the kernel).
+
+    Example:
+        >>> codes, scales = quantize_blockwise(torch.randn(1000), codebook("int8"), 256)
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"quantize: x must be a float32/float16/bfloat16 tensor, got {got}")
+    check_block_size(block_size)
+    _check_code(code, bits)
+    x = x.contiguous()
+    if resolve_backend(backend, x) == "triton":
+        from tilewise.ops.blockquant.triton import quantize_blockwise_triton
+
+        if stochastic and seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+        return quantize_blockwise_triton(x, code.to(x.device), block_size, bits=bits, stochastic=stochastic, seed=seed)
+    return quantize_blockwise_ref(x, code, block_size, bits=bits, stochastic=stochastic, generator=generator)
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    code: torch.Tensor,
+    block_size: int,
+    numel: int,
+    *,
+    bits: int = 8,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Rebuild the flat tensor ``[numel]`` from ``codes`` and ``scales`` (see :func:`quantize_blockwise`)."""
+    check_block_size(block_size)
+    _check_code(code, bits)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"dequantize: codes must be uint8, got {codes.dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dequantize: dtype must be float32/float16/bfloat16, got {dtype}")
+    need_codes = (numel + 1) // 2 if bits == 4 else numel
+    need_scales = -(-numel // block_size)
+    if codes.numel() < need_codes or scales.numel() < need_scales:
+        raise ValueError(
+            f"dequantize: {numel} elements need {need_codes} code bytes and {need_scales} scales, "
+            f"got {codes.numel()} and {scales.numel()}"
+        )
+    codes, scales = codes.contiguous(), scales.contiguous().to(torch.float32)
+    if resolve_backend(backend, codes, scales) == "triton":
+        from tilewise.ops.blockquant.triton import dequantize_blockwise_triton
+
+        return dequantize_blockwise_triton(
+            codes, scales, code.to(codes.device), block_size, numel, bits=bits, dtype=dtype
+        )
+    return dequantize_blockwise_ref(codes, scales, code, block_size, numel, bits=bits, dtype=dtype)
