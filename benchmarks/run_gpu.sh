@@ -7,8 +7,9 @@
 # `tilewise bench hadamard` with --json. A failing step does not stop the run: each step's status is printed at
 # the end, after the two bench tables. Logs and JSON go to $OUT (default runs/gpu-<time>): run_gpu.log,
 # bench_quant.json, bench_hadamard.json, summary.txt.
-# Time: every step has a cap, the bench steps keep BENCH_RESERVE_S seconds for themselves, and the whole run stays
-# under TOTAL_S seconds (default 480), inside the device tool's 600 s per command.
+# Time: every step has a cap, the bench steps keep BENCH_RESERVE_S seconds for themselves (they took ~65 s on an
+# H100, torchao compiling included), and the run stays under TOTAL_S seconds (default 480), inside the device
+# tool's 600 s per command.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -19,7 +20,7 @@ mkdir -p "$OUT"
 LOG="$OUT/run_gpu.log"
 : >"$LOG"
 TOTAL_S="${TOTAL_S:-480}"
-BENCH_RESERVE_S="${BENCH_RESERVE_S:-210}"
+BENCH_RESERVE_S="${BENCH_RESERVE_S:-180}"
 START=$(date +%s)
 PY="${PY:-python3}"
 SITE="${SITE:-/tmp/site}"
@@ -96,8 +97,8 @@ for script in gpu_blockquant gpu_hadamard; do
     skip "$script" "no benchmarks/$script.py"
   fi
 done
-step bench-quant 180 45 $PY -m tilewise bench quant --json "$OUT/bench_quant.json"
-step bench-hadamard 90 0 $PY -m tilewise bench hadamard --json "$OUT/bench_hadamard.json"
+step bench-quant 140 40 $PY -m tilewise bench quant --json "$OUT/bench_quant.json"
+step bench-hadamard 60 0 $PY -m tilewise bench hadamard --json "$OUT/bench_hadamard.json"
 
 {
   for suite in quant hadamard; do
@@ -116,7 +117,9 @@ step bench-hadamard 90 0 $PY -m tilewise bench hadamard --json "$OUT/bench_hadam
   failed=0
   for i in "${!STEPS[@]}"; do
     printf '%-16s %-34s %7s\n' "${STEPS[$i]}" "${STATUS[$i]}" "${SECONDS_TAKEN[$i]}"
-    [[ ${STATUS[$i]} == ok || ${STATUS[$i]} == skipped* ]] || failed=$((failed + 1))
+    # a step skipped for want of time counts as not ok; one whose script does not exist yet does not
+    [[ ${STATUS[$i]} == ok || (${STATUS[$i]} == skipped* && ${STATUS[$i]} != *"time budget"*) ]] ||
+      failed=$((failed + 1))
   done
   echo "steps not ok: $failed"
 } | tee "$OUT/summary.txt" | tee -a "$LOG"

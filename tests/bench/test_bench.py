@@ -4,6 +4,7 @@ The suites run at tiny sizes; peers are made missing (or fake) with monkeypatch 
 this machine has installed.
 """
 
+import re
 import subprocess
 import sys
 import types
@@ -12,8 +13,18 @@ import pytest
 import torch
 
 from tilewise.bench import ROW_KEYS, format_table, register_suite, run_suite, runner, suite_names
+from tilewise.bench import hadamard as hadamard_bench
 from tilewise.bench import quant as quant_bench
-from tilewise.bench.runner import LoadedPeer, Peer, copy_bandwidth, load_peer, make_row, rel_rms, time_fn
+from tilewise.bench.runner import (
+    LoadedPeer,
+    Peer,
+    copy_bandwidth,
+    count_label,
+    load_peer,
+    make_row,
+    rel_rms,
+    time_fn,
+)
 
 PEER_MODULES = ("bitsandbytes", "torchao", "fast_hadamard_transform")
 # Round-trip error of N(0, 1) data: 8-bit codebooks lose well under 2%, 4-bit ones about 10%.
@@ -158,6 +169,33 @@ def test_hadamard_suite_rows_on_cpu() -> None:
         else:
             assert dense["status"] == "not run (n > 4096)"
         assert fht["status"] == "missing (pip install fast-hadamard-transform)"
+
+
+@pytest.mark.interpret
+def test_hadamard_suite_with_triton(device: str) -> None:
+    rows = run_suite("hadamard", numel=2048, repeats=1, device=device, backend="triton", sizes=[64, 2048], peers=[])
+    ours = [r for r in rows if r["impl"].startswith("tilewise")]
+    assert [r["impl"] for r in ours] == ["tilewise (triton)"] * 2
+    for row in ours:
+        _assert_timed(row)
+        # The check compares with the reference rounded to bf16; how close the kernel comes is the kernel tests'
+        # business (Triton's interpreter truncates fp32 -> bf16, so there about half the values are 1 ulp off).
+        assert re.fullmatch(
+            rf"= ref \({count_label(row['numel'])} el\.\)|\d+/{row['numel']} off by <= \d+ ulp", row["check"]
+        )
+        assert row["rel_rms"] < 4e-3
+
+
+def test_ulp_check() -> None:
+    a = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=torch.bfloat16)
+    assert hadamard_bench._ulp_check(a, a.clone()) == "= ref (4 el.)"
+    assert hadamard_bench._ulp_check(torch.tensor([0.0]), torch.tensor([-0.0])) == "= ref (1 el.)"
+    bits = a.view(torch.int16).clone()
+    bits[1] += 1  # -2 -> the next bf16 value away from zero
+    bits[3] -= 2
+    assert hadamard_bench._ulp_check(a, bits.view(torch.bfloat16)) == "2/4 off by <= 2 ulp"
+    tiny = torch.tensor([1e-45, -1e-45])  # the two smallest fp32 subnormals around zero are 2 ulp apart
+    assert hadamard_bench._ulp_check(tiny, -tiny) == "2/2 off by <= 2 ulp"
 
 
 def test_hadamard_suite_checks_sizes() -> None:

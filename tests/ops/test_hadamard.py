@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from tilewise._testing import TOLERANCES, assert_close, assert_rel_rms, poison_like
+from tilewise._testing import assert_close, assert_rel_rms, poison_like
 from tilewise.ops import hadamard
 from tilewise.ops.hadamard.reference import hadamard_ref
 
@@ -116,9 +120,22 @@ def test_unknown_backend_raises() -> None:
 
 
 @pytest.mark.interpret
-def test_triton_rejects_float64(device: str) -> None:
+def test_triton_rejects_float64(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.zeros(4, dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="float64"):
-        hadamard(torch.zeros(4, dtype=torch.float64, device=device), backend="triton")
+        hadamard(x, backend="triton")
+    monkeypatch.setenv("TILEWISE_BACKEND", "triton")
+    with pytest.raises(TypeError, match="float64"):
+        hadamard(x)
+
+
+def test_import_and_reference_path_do_not_import_triton() -> None:
+    code = (
+        "import sys, torch; from tilewise.ops import hadamard; hadamard(torch.ones(2, 8)); "
+        "assert 'triton' not in sys.modules and 'tilewise.ops.hadamard.triton' not in sys.modules"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TILEWISE_BACKEND"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 # ---- Triton kernels against the reference (interpreter on CPU: small sizes)
@@ -184,6 +201,10 @@ def test_triton_op_traces_under_compile(device: str) -> None:
 
 # ---- full sizes on the GPU
 
+# Relative RMS error of two transforms, each rounding to dtype (RMS ~0.8 u): 2 u for fp16/bf16. fp32: 4e-6, as
+# Hopper tensor cores truncate their fp32 accumulator (measured 1.5-2.1e-6 for n >= 8192 on an H100, < 1e-6 below).
+SELF_INVERSE_REL = {torch.float32: 4e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -192,20 +213,19 @@ def test_gpu_triton_matches_reference_all_n(n: int, dtype: torch.dtype) -> None:
     x = torch.randn(37, n, device="cuda").to(dtype)
     y = triton_fwd(x, out=poison_like(x))
     assert_close(y, hadamard_ref(x))
-    # Self-inverse through the kernel: two roundings to dtype.
-    atol, rtol = TOLERANCES[dtype]
-    assert_close(triton_fwd(y), x, atol=2 * atol, rtol=2 * rtol, reason="two transforms, each rounds to dtype")
+    assert_rel_rms(triton_fwd(y), x, rel=SELF_INVERSE_REL[dtype])
 
 
 @pytest.mark.gpu
-def test_gpu_large_rows_int64_offsets() -> None:
-    # rows * n > 2**31 elements: offsets must be 64-bit. 2**31 + 2**16 bf16 values = 4 GiB per tensor.
-    n = 1 << 16 >> 1
-    rows = (1 << 31) // n + 2
+@pytest.mark.parametrize("n", [4096, 32768])
+def test_gpu_large_rows_int64_offsets(n: int) -> None:
+    # rows * n > 2**31 elements (4 GiB of bf16 per tensor): offsets must be 64-bit.
+    rows = (1 << 31) // n + 3
     x = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
-    y = triton_fwd(x)
-    tail = slice(rows - 3, rows)
+    y = triton_fwd(x, out=poison_like(x))
+    tail = slice(rows - 5, rows)
     assert_close(y[tail], hadamard_ref(x[tail]))
+    assert bool(torch.isfinite(y).all())
     del x, y
     torch.cuda.empty_cache()
 
@@ -216,4 +236,4 @@ def test_gpu_backward_matches_reference(dtype: torch.dtype) -> None:
     x = torch.randn(33, 4096, device="cuda").to(dtype).requires_grad_()
     g = torch.randn(33, 4096, device="cuda").to(dtype)
     (gx,) = torch.autograd.grad(hadamard(x), x, g)
-    assert_rel_rms(gx, hadamard_ref(g.double()), rel=2 * TOLERANCES[dtype][1])
+    assert_close(gx, hadamard_ref(g))

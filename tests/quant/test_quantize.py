@@ -228,3 +228,15 @@ def test_nbytes_repr_and_to():
     q2 = q.to("cpu")
     assert q2.device.type == "cpu"
     assert q2 is not q
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_check_finite_false_keeps_non_finite_in_its_block(backend):
+    x = torch.randn(1000)
+    x[300] = float("inf")
+    q = quantize(x, "int8", 256, check_finite=False, backend=backend)
+    finite = torch.isfinite(q.scales)
+    assert finite.tolist() == [True, False, True, True]  # only block 1 (elements 256..511) is touched
+    y = q.dequantize()
+    assert bool(torch.isfinite(y[:256]).all())
+    assert bool(torch.isfinite(y[512:]).all())

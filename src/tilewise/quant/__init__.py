@@ -29,6 +29,7 @@ def quantize(
     stochastic: bool = False,
     double_quant: bool = False,
     generator: torch.Generator | None = None,
+    check_finite: bool = True,
     backend: str = "auto",
 ) -> QuantizedTensor:
     """Quantize ``x`` block by block: one fp32 absmax scale per ``block_size`` consecutive elements (of the
@@ -44,6 +45,9 @@ def quantize(
             nearest one (``generator`` seeds it).
         double_quant: also quantize the scales (dynamic8 codes in blocks of 256 around their mean, as in QLoRA),
             0.5 -> ~0.127 bits per element at block 64.
+        check_finite: raise ``ValueError`` on NaN/inf in ``x`` (default). The check waits for the kernel (one
+            device sync per call); pass ``False`` where the input is known finite and the sync matters. A
+            non-finite element then leaves its block's scale NaN/inf, which dequantizes to NaN/inf.
         backend: ``"auto"`` (Triton on CUDA tensors when available), ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -65,8 +69,9 @@ def quantize(
     data = _rotate_blocks(x, block_size, backend) if rotate else x
     try:
         codes, scales = quantize_blockwise(
-            data, values, block_size, bits=bits, stochastic=stochastic, generator=generator, backend=backend
-        )
+            data, values, block_size, bits=bits, stochastic=stochastic, generator=generator,
+            check_finite=check_finite, backend=backend,
+        )  # fmt: skip
     except ValueError as err:
         if "NaN or inf" not in str(err):
             raise
@@ -97,6 +102,6 @@ def _quantize_scales(scales: torch.Tensor, backend: str) -> dict[str, torch.Tens
     float64 so that every backend rounds it to the same fp32 number."""
     offset = scales.to(torch.float64).mean().to(torch.float32).reshape(1) if scales.numel() else scales.new_zeros(1)
     codes, scale_scales = quantize_blockwise(
-        scales - offset, _codebook_table(SCALE_CODEBOOK), SCALE_BLOCK, bits=8, backend=backend
+        scales - offset, _codebook_table(SCALE_CODEBOOK), SCALE_BLOCK, bits=8, check_finite=False, backend=backend
     )
     return {"scales": None, "scale_codes": codes, "scale_scales": scale_scales, "scale_offset": offset}

@@ -52,6 +52,7 @@ def quantize_blockwise(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    check_finite: bool = True,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (any shape, fp32/fp16/bf16, read flat: ``n`` elements) onto the sorted codebook ``code [K]``.
@@ -59,6 +60,8 @@ def quantize_blockwise(
     Returns ``(codes, scales)``: ``uint8 [n]`` (8-bit) or packed ``uint8 [ceil(n/2)]`` (4-bit, first element in
     the high nibble), and fp32 absmax scales ``[ceil(n / block_size)]``. Nearest rounding by default (ties to the
     lower code); ``stochastic=True`` rounds unbiasedly (``generator`` drives the reference, ``seed`` the kernel).
+    NaN/inf in ``x`` raise ``ValueError``; the check waits for the result (a device sync), so ``check_finite=False``
+    skips it for callers that know their input is finite (a non-finite block then gets a non-finite scale).
 
     Example:
         >>> codes, scales = quantize_blockwise(torch.randn(1000), codebook("int8"), 256)
@@ -74,8 +77,13 @@ def quantize_blockwise(
 
         if stochastic and seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
-        return quantize_blockwise_triton(x, code.to(x.device), block_size, bits=bits, stochastic=stochastic, seed=seed)
-    return quantize_blockwise_ref(x, code, block_size, bits=bits, stochastic=stochastic, generator=generator)
+        # the codebook goes as it is: the kernel's lookup tables are cached per codebook, a CPU one by contents
+        return quantize_blockwise_triton(
+            x, code, block_size, bits=bits, stochastic=stochastic, seed=seed, check_finite=check_finite
+        )
+    return quantize_blockwise_ref(
+        x, code, block_size, bits=bits, stochastic=stochastic, generator=generator, check_finite=check_finite
+    )
 
 
 def dequantize_blockwise(
@@ -107,7 +115,5 @@ def dequantize_blockwise(
     if resolve_backend(backend, codes, scales) == "triton":
         from tilewise.ops.blockquant.triton import dequantize_blockwise_triton
 
-        return dequantize_blockwise_triton(
-            codes, scales, code.to(codes.device), block_size, numel, bits=bits, dtype=dtype
-        )
+        return dequantize_blockwise_triton(codes, scales, code, block_size, numel, bits=bits, dtype=dtype)
     return dequantize_blockwise_ref(codes, scales, code, block_size, numel, bits=bits, dtype=dtype)

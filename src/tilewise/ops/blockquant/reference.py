@@ -52,18 +52,19 @@ def quantize_blockwise_ref(
     bits: int = 8,
     stochastic: bool = False,
     generator: torch.Generator | None = None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (any shape, read flat, ``n`` elements) block by block onto the sorted codebook ``code [K]``.
 
     Returns ``(codes, scales)``: ``codes`` is ``uint8 [n]`` for ``bits=8`` or packed ``uint8 [ceil(n/2)]`` for
     ``bits=4``; ``scales`` is the fp32 absmax of each block, ``[ceil(n / block_size)]``. Raises ``ValueError`` if
-    ``x`` holds NaN or inf.
+    ``x`` holds NaN or inf (unless ``check_finite=False``: then that block's scale is non-finite).
     """
     n = x.numel()
     code = code.to(device=x.device, dtype=torch.float32)
     blocks = _blocks(x, block_size)
     scales = blocks.abs().amax(dim=1) if n else blocks.new_zeros(0)
-    if not bool(torch.isfinite(scales).all()):
+    if check_finite and not bool(torch.isfinite(scales).all()):
         raise ValueError("quantize: input contains NaN or inf")
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     mids = midpoints(code)

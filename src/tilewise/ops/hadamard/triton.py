@@ -4,14 +4,15 @@
 transforms as ``H_a X H_b``: one ``tl.dot`` with ``H_b`` along the contiguous axis, a transpose in registers /
 shared memory, one ``tl.dot`` with ``H_a``. The ±1 matrices are built in registers from bit parity, never loaded.
 Tensor cores multiply bf16, so an fp32 operand is split into bf16 pieces (``x = hi + mid + lo``) whose products
-with ±1 are exact and whose sums accumulate in fp32: the math is fp32 to within fp32 rounding. README.md has the
-derivation; n above ``MAX_FUSED_N`` takes two passes (inner transform, then ``H_A`` across the strided axis).
+with ±1 are exact and whose sums accumulate in fp32 (bf16 outputs keep 16 bits of the intermediates, see
+``_SPLIT_MID``). README.md has the derivation; n above ``MAX_FUSED_N`` takes two passes (inner transform, then
+``H_A`` across the strided axis).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
 
 import torch
 import triton
@@ -86,12 +87,10 @@ def _hadamard_fused_kernel(
     T,
     scale,
     N: tl.constexpr,
-    N1: tl.constexpr,
-    N2: tl.constexpr,
-    N3: tl.constexpr,
-    K1: tl.constexpr,
-    K2: tl.constexpr,
-    K3: tl.constexpr,
+    NA: tl.constexpr,
+    NB: tl.constexpr,
+    KA: tl.constexpr,
+    KB: tl.constexpr,
     BT: tl.constexpr,
     SPLIT_IN: tl.constexpr,
     SPLIT_MID: tl.constexpr,
@@ -99,36 +98,26 @@ def _hadamard_fused_kernel(
 ):
     """``y[t] = scale * H_N x[t]`` for rows ``x, y: [T, N]``; ``BT`` rows per tile, persistent over tiles.
 
-    A row is an ``[N1, N2, N3]`` array (N3 contiguous, ``N = N1 * N2 * N3``, N1 or N1 and N2 may be 1), and
-    ``H_N = H_N1 ⊗ H_N2 ⊗ H_N3`` is applied one factor at a time along the last axis, transposing between;
-    ``Ki = max(Ni, 16)`` is the width of factor i's dot.
+    A row is an ``[NA, NB]`` matrix (``N = NA * NB``, NB contiguous, NA may be 1) and ``H_N = H_NA ⊗ H_NB``:
+    one dot with ``H_NB`` along the rows, a transpose, one dot with ``H_NA``. ``KA, KB = max(NA, 16), max(NB, 16)``.
     """
     i_p = tl.program_id(0).to(tl.int64)
     NT = tl.cdiv(T, BT)
-    b_h3 = _hadamard_block(K3, N3, DOT)
-    b_h2 = _hadamard_block(K2, N2, DOT)
-    b_h1 = _hadamard_block(K1, N1, DOT)
+    b_hb = _hadamard_block(KB, NB, DOT)
+    b_ha = _hadamard_block(KA, NA, DOT)
     o_n = tl.arange(0, N)
     for i_t in range(i_p, NT, tl.num_programs(0)):
         o_t = i_t * BT + tl.arange(0, BT).to(tl.int64)
         m_t = (o_t < T)[:, None]
         o_x = o_t[:, None] * N + o_n[None, :]
         b_x = tl.load(x + o_x, mask=m_t, other=0.0).to(tl.float32)
-        # [BT * N1 * N2, N3]: H_N3 along the contiguous factor.
-        b_y = _stage(tl.reshape(b_x, (BT * N1 * N2, N3)), b_h3, BT * N1 * N2, N3, K3, SPLIT_IN)
-        if N2 > 1:
-            # [BT, N1 * N2, N3] -> [BT, N3, N1 * N2]: N2 last.
-            b_y = tl.permute(tl.reshape(b_y, (BT, N1 * N2, N3)), (0, 2, 1))
-            b_y = _stage(tl.reshape(b_y, (BT * N3 * N1, N2)), b_h2, BT * N3 * N1, N2, K2, SPLIT_MID)
-            if N1 > 1:
-                # [BT, N3 * N1, N2] -> [BT, N2, N3 * N1]: N1 last.
-                b_y = tl.permute(tl.reshape(b_y, (BT, N3 * N1, N2)), (0, 2, 1))
-                b_y = _stage(tl.reshape(b_y, (BT * N2 * N3, N1)), b_h1, BT * N2 * N3, N1, K1, SPLIT_MID)
-                # [BT, N2 * N3, N1] -> [BT, N1, N2 * N3]: the row's own order.
-                b_y = tl.permute(tl.reshape(b_y, (BT, N2 * N3, N1)), (0, 2, 1))
-            else:
-                # [BT, N3, N2] -> [BT, N2, N3]
-                b_y = tl.permute(tl.reshape(b_y, (BT, N3, N2)), (0, 2, 1))
+        # [BT * NA, NB]: H_NB along the contiguous factor.
+        b_y = _stage(tl.reshape(b_x, (BT * NA, NB)), b_hb, BT * NA, NB, KB, SPLIT_IN)
+        if NA > 1:
+            # [BT, NA, NB] -> [BT * NB, NA]: H_NA along the strided factor, then back.
+            b_y = tl.reshape(tl.permute(tl.reshape(b_y, (BT, NA, NB)), (0, 2, 1)), (BT * NB, NA))
+            b_y = _stage(b_y, b_ha, BT * NB, NA, KA, SPLIT_MID)
+            b_y = tl.permute(tl.reshape(b_y, (BT, NB, NA)), (0, 2, 1))
         b_y = tl.reshape(b_y, (BT, N)) * scale
         tl.store(y + o_x, b_y.to(y.dtype.element_ty), mask=m_t)
 
@@ -158,30 +147,36 @@ def _hadamard_outer_kernel(
     tl.store(y + o_x, b_y.to(y.dtype.element_ty))
 
 
-# bf16 pieces per operand of the first dot (exact for the input dtype) and of later dots (fp32 intermediates).
+# bf16 pieces of the first dot's operand: exact for the input dtype.
 _SPLIT_IN = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
-_SPLIT_MID = 3
+# bf16 pieces of the fp32 intermediates, by output dtype: 3 (24 bits, fp32) for fp32 and fp16 outputs. A bf16
+# output takes 2 (16 bits: error <= 2^-17 relative, 256x below the output's own rounding): on an H100 the third
+# piece costs a quarter of the bandwidth at n = 4096 (95% -> 70% of copy).
+_SPLIT_MID = {torch.bfloat16: 2, torch.float16: 3, torch.float32: 3}
+
+
+def _factors(n: int, split_in: int) -> tuple[int, int]:
+    """``(NA, NB)`` with ``n = NA * NB``, each <= 128, the contiguous NB the larger; ``NA = 1`` means one dot.
+
+    One dot of width 128 costs 256 flops an element per bf16 piece, so a 2-piece or 3-piece input splits 128.
+    """
+    if n <= _MAX_FACTOR // 2 or (n == _MAX_FACTOR and split_in == 1):
+        return 1, n
+    nb = 1 << ((n.bit_length() - 1 + 1) // 2)
+    return n // nb, nb
 
 
 def _config(n: int) -> tuple[int, int, int]:
     """``(rows per tile, warps, persistent programs per SM)`` of the fused kernel, tuned on an H100.
 
-    4096-element tiles with 4 warps (32 fp32 values a thread), 8 programs an SM keep HBM busy for n <= 8192;
-    a 16384 row needs 8 warps to avoid spills, and smem then allows 2 programs an SM.
+    4096-element tiles with 4 warps (32 fp32 values a thread) and 8 programs an SM keep HBM busy for n <= 8192;
+    a 16384 row needs 8 warps to avoid spills, and shared memory then allows 2 programs an SM.
     """
     if n <= 4096:
         return 4096 // n, 4, 8
     if n <= 8192:
         return 1, 4, 8
     return 1, 8, 2
-
-
-def _factors(n: int) -> tuple[int, int, int]:
-    """``(N1, N2, N3)`` with ``n = N1 * N2 * N3``, each <= 128; two factors, the contiguous N3 the larger."""
-    if n <= _MAX_FACTOR:
-        return 1, 1, n
-    n3 = 1 << ((n.bit_length() - 1 + 1) // 2)
-    return 1, n // n3, n3
 
 
 @functools.cache
@@ -204,7 +199,7 @@ def _dot_dtype(device: torch.device) -> tl.dtype:
 def _launch_fused(x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
     """``y = scale * (x @ H_n)`` for contiguous ``x, y: [T, n]``, ``n <= MAX_FUSED_N``."""
     t, n = x.shape
-    n1, n2, n3 = _factors(n)
+    na, nb = _factors(n, _SPLIT_IN[x.dtype])
     bt, num_warps, per_sm = _config(n)
     _hadamard_fused_kernel[(_programs(x.device, triton.cdiv(t, bt), per_sm),)](
         x,
@@ -212,15 +207,13 @@ def _launch_fused(x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
         t,
         scale,
         N=n,
-        N1=n1,
-        N2=n2,
-        N3=n3,
-        K1=max(n1, _MIN_K),
-        K2=max(n2, _MIN_K),
-        K3=max(n3, _MIN_K),
+        NA=na,
+        NB=nb,
+        KA=max(na, _MIN_K),
+        KB=max(nb, _MIN_K),
         BT=bt,
         SPLIT_IN=_SPLIT_IN[x.dtype],
-        SPLIT_MID=_SPLIT_MID,
+        SPLIT_MID=_SPLIT_MID[y.dtype],
         DOT=_dot_dtype(x.device),
         num_warps=num_warps,
     )
@@ -238,7 +231,7 @@ def _launch_outer(x: torch.Tensor, y: torch.Tensor, a: int, scale: float) -> Non
         A=a,
         K=max(a, _MIN_K),
         BJ=_BJ,
-        SPLIT=_SPLIT_MID,
+        SPLIT=3,
         DOT=_dot_dtype(x.device),
         num_warps=4,
     )
@@ -257,15 +250,17 @@ def hadamard_triton_fwd(x: torch.Tensor, out: torch.Tensor | None = None) -> tor
     y = out.view(-1, n)
     if x2.numel() == 0:
         return out
-    scale = 1.0 / math.sqrt(n)
-    if n <= MAX_FUSED_N:
-        _launch_fused(x2, y, scale)
-    else:
-        # n = a * inner: H_inner on each contiguous chunk (unscaled, into fp32), then H_a across chunks.
-        a = n // MAX_FUSED_N
-        ws = y if y.dtype == torch.float32 else torch.empty(x2.shape, dtype=torch.float32, device=x.device)
-        _launch_fused(x2.view(-1, MAX_FUSED_N), ws.view(-1, MAX_FUSED_N), 1.0)
-        _launch_outer(ws, y, a, scale)
+    scale = n**-0.5
+    # Triton launches on the current CUDA device: make it x's.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if n <= MAX_FUSED_N:
+            _launch_fused(x2, y, scale)
+        else:
+            # n = a * inner: H_inner on each contiguous chunk (unscaled, into fp32), then H_a across chunks.
+            a = n // MAX_FUSED_N
+            ws = y if y.dtype == torch.float32 else torch.empty(x2.shape, dtype=torch.float32, device=x.device)
+            _launch_fused(x2.view(-1, MAX_FUSED_N), ws.view(-1, MAX_FUSED_N), 1.0)
+            _launch_outer(ws, y, a, scale)
     return out
 
 
