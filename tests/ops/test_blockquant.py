@@ -264,3 +264,31 @@ def test_more_than_2_31_elements_gpu() -> None:
         assert_exact(q[a:b], qr, msg=f"codes at {a}")
         assert_exact(s[a // block : -(-b // block)], sr, msg=f"scales at {a}")
         assert_exact(y[a:b], dequantize_blockwise_ref(qr, sr, code, block, b - a, dtype=torch.float16))
+
+
+def test_ops_compile_without_graph_breaks():
+    """quantize/dequantize are torch.library ops: torch.compile(fullgraph=True) keeps them as single nodes."""
+    from tilewise.ops.blockquant import dequantize_blockwise, quantize_blockwise
+    from tilewise.quant import codebook
+
+    code = codebook("nf4")
+
+    def round_trip(x):
+        codes, scales = quantize_blockwise(x, code, 64, bits=4, backend="reference")
+        return dequantize_blockwise(codes, scales, code, 64, x.numel(), bits=4, backend="reference") * 2
+
+    x = torch.randn(1000)
+    compiled = torch.compile(round_trip, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), round_trip(x))
+
+
+def test_opcheck_blockquant_ops():
+    from tilewise.quant import codebook
+
+    x = torch.randn(300)
+    for bits, name in ((8, "dynamic8"), (4, "nf4")):
+        code = codebook(name)
+        torch.library.opcheck(torch.ops.tilewise.quantize_blockwise, (x, code, 64, bits, True, "reference"))
+        codes, scales = torch.ops.tilewise.quantize_blockwise(x, code, 64, bits, True, "reference")
+        args = (codes, scales, code, 64, 300, bits, torch.bfloat16, "reference")
+        torch.library.opcheck(torch.ops.tilewise.dequantize_blockwise, args)

@@ -72,17 +72,19 @@ def quantize_blockwise(
     check_block_size(block_size)
     _check_code(code, bits)
     x = x.contiguous()
-    if resolve_backend(backend, x) == "triton":
+    chosen = resolve_backend(backend, x)
+    if not stochastic:
+        return torch.ops.tilewise.quantize_blockwise(x, code, block_size, bits, check_finite, chosen)
+    if chosen == "triton":
         from tilewise.ops.blockquant.triton import quantize_blockwise_triton
 
-        if stochastic and seed is None:
+        if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
-        # the codebook goes as it is: the kernel's lookup tables are cached per codebook, a CPU one by contents
         return quantize_blockwise_triton(
-            x, code, block_size, bits=bits, stochastic=stochastic, seed=seed, check_finite=check_finite
+            x, code, block_size, bits=bits, stochastic=True, seed=seed, check_finite=check_finite
         )
     return quantize_blockwise_ref(
-        x, code, block_size, bits=bits, stochastic=stochastic, generator=generator, check_finite=check_finite
+        x, code, block_size, bits=bits, stochastic=True, generator=generator, check_finite=check_finite
     )
 
 
@@ -112,8 +114,51 @@ def dequantize_blockwise(
             f"got {codes.numel()} and {scales.numel()}"
         )
     codes, scales = codes.contiguous(), scales.contiguous().to(torch.float32)
-    if resolve_backend(backend, codes, scales) == "triton":
+    chosen = resolve_backend(backend, codes, scales)
+    return torch.ops.tilewise.dequantize_blockwise(codes, scales, code, block_size, numel, bits, dtype, chosen)
+
+
+# torch.library ops, so torch.compile keeps them as single opaque nodes instead of breaking the graph. The public
+# functions above validate and pick the backend; these run it. Stochastic rounding (it takes a torch.Generator)
+# stays outside the op.
+@torch.library.custom_op("tilewise::quantize_blockwise", mutates_args=())
+def _quantize_op(
+    x: torch.Tensor, code: torch.Tensor, block_size: int, bits: int, check_finite: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from tilewise.ops.blockquant.triton import quantize_blockwise_triton
+
+        # the codebook goes as it is: the kernel's lookup tables are cached per codebook, a CPU one by contents
+        return quantize_blockwise_triton(x, code, block_size, bits=bits, check_finite=check_finite)
+    codes, scales = quantize_blockwise_ref(x, code, block_size, bits=bits, check_finite=check_finite)
+    return codes.clone() if codes._base is not None else codes, scales  # an op's outputs may not be views
+
+
+@_quantize_op.register_fake
+def _(x, code, block_size, bits, check_finite, backend):
+    n = x.numel()
+    codes = x.new_empty(n if bits == 8 else (n + 1) // 2, dtype=torch.uint8)
+    return codes, x.new_empty(-(-n // block_size), dtype=torch.float32)
+
+
+@torch.library.custom_op("tilewise::dequantize_blockwise", mutates_args=())
+def _dequantize_op(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    code: torch.Tensor,
+    block_size: int,
+    numel: int,
+    bits: int,
+    dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
         from tilewise.ops.blockquant.triton import dequantize_blockwise_triton
 
         return dequantize_blockwise_triton(codes, scales, code, block_size, numel, bits=bits, dtype=dtype)
     return dequantize_blockwise_ref(codes, scales, code, block_size, numel, bits=bits, dtype=dtype)
+
+
+@_dequantize_op.register_fake
+def _(codes, scales, code, block_size, numel, bits, dtype, backend):
+    return codes.new_empty(numel, dtype=dtype)
