@@ -78,8 +78,10 @@ def test_quant_suite_rows_on_cpu() -> None:
 @pytest.mark.interpret
 def test_quant_suite_triton_matches_reference(device: str) -> None:
     rows = run_suite("quant", numel=3000, repeats=1, device=device, backend="triton", peers=[])
-    assert {r["impl"] for r in rows} == {"tilewise (triton)"}
-    assert len(rows) == 8
+    # on CUDA the suite also times quantize without its finite check (the check syncs the device)
+    extra = {"tilewise (triton, check_finite=False)"} if device == "cuda" else set()
+    assert {r["impl"] for r in rows} == {"tilewise (triton)"} | extra
+    assert len(rows) == 8 * (1 + len(extra))
     for row in rows:
         _assert_timed(row)
         assert row["check"] == "exact (3000 el.)", row
@@ -314,7 +316,8 @@ def test_quant_suite_on_gpu_with_installed_peers() -> None:
     for row in rows:
         assert row["status"] == "ok" or row["status"].startswith("missing ("), row
         if row["impl"].startswith("tilewise"):
-            assert (row["impl"], row["check"]) == ("tilewise (triton)", "exact (1M el.)"), row
+            assert row["impl"] in ("tilewise (triton)", "tilewise (triton, check_finite=False)"), row
+            assert row["check"] == "exact (1M el.)", row
         if row["status"] == "ok":
             assert 0 < row["rel_rms"] < RMS_BOUNDS[row["codebook"]], row
 

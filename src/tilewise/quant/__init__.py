@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from tilewise.ops.blockquant import check_block_size, quantize_blockwise
+from tilewise.quant.codebooks import _build as _codebook_table  # cached, shared: read only
 from tilewise.quant.codebooks import codebook, codebook_bits, codebook_names
-from tilewise.quant.codebooks import codebook as _codebook_table
 from tilewise.quant.tensor import SCALE_BLOCK, SCALE_CODEBOOK, QuantizedTensor
 
 __all__ = ["QuantizedTensor", "codebook", "codebook_bits", "codebook_names", "quantize"]

@@ -7,7 +7,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from tilewise.ops.blockquant import dequantize_blockwise
-from tilewise.quant.codebooks import codebook, codebook_bits
+from tilewise.quant.codebooks import _build as _codebook_table  # cached, shared: read only
+from tilewise.quant.codebooks import codebook_bits
 
 __all__ = ["QuantizedTensor"]
 
@@ -84,7 +85,7 @@ class QuantizedTensor:
             return self.scales
         nb = self.scale_codes.numel()
         rebuilt = dequantize_blockwise(
-            self.scale_codes, self.scale_scales, codebook(SCALE_CODEBOOK), SCALE_BLOCK, nb, backend=backend
+            self.scale_codes, self.scale_scales, _codebook_table(SCALE_CODEBOOK), SCALE_BLOCK, nb, backend=backend
         )
         # a zero-scale block may come back as a tiny negative number: scales are absmaxes, never below zero
         return (rebuilt + self.scale_offset).clamp_(min=0)
@@ -95,14 +96,14 @@ class QuantizedTensor:
         n = self.coded_numel
         if not self.rotate:
             flat = dequantize_blockwise(
-                self.codes, self.block_scales(backend), codebook(self.codebook), self.block_size, n,
+                self.codes, self.block_scales(backend), _codebook_table(self.codebook), self.block_size, n,
                 bits=self.bits, dtype=dtype, backend=backend,
             )  # fmt: skip
             return flat.view(self.shape)
         from tilewise.ops import hadamard
 
         flat = dequantize_blockwise(
-            self.codes, self.block_scales(backend), codebook(self.codebook), self.block_size, n,
+            self.codes, self.block_scales(backend), _codebook_table(self.codebook), self.block_size, n,
             bits=self.bits, dtype=torch.float32, backend=backend,
         )  # fmt: skip
         rows = hadamard(flat.view(-1, self.block_size), backend=backend)

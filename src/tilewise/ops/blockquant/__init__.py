@@ -74,7 +74,9 @@ def quantize_blockwise(
     x = x.contiguous()
     chosen = resolve_backend(backend, x)
     if not stochastic:
-        return torch.ops.tilewise.quantize_blockwise(x, code, block_size, bits, check_finite, chosen)
+        # the registered op under torch.compile; eager calls skip its dispatch (~0.1 ms of host time per call)
+        op = torch.ops.tilewise.quantize_blockwise if torch.compiler.is_compiling() else _quantize_impl
+        return op(x, code, block_size, bits, check_finite, chosen)
     if chosen == "triton":
         from tilewise.ops.blockquant.triton import quantize_blockwise_triton
 
@@ -115,14 +117,14 @@ def dequantize_blockwise(
         )
     codes, scales = codes.contiguous(), scales.contiguous().to(torch.float32)
     chosen = resolve_backend(backend, codes, scales)
-    return torch.ops.tilewise.dequantize_blockwise(codes, scales, code, block_size, numel, bits, dtype, chosen)
+    op = torch.ops.tilewise.dequantize_blockwise if torch.compiler.is_compiling() else _dequantize_impl
+    return op(codes, scales, code, block_size, numel, bits, dtype, chosen)
 
 
 # torch.library ops, so torch.compile keeps them as single opaque nodes instead of breaking the graph. The public
 # functions above validate and pick the backend; these run it. Stochastic rounding (it takes a torch.Generator)
 # stays outside the op.
-@torch.library.custom_op("tilewise::quantize_blockwise", mutates_args=())
-def _quantize_op(
+def _quantize_impl(
     x: torch.Tensor, code: torch.Tensor, block_size: int, bits: int, check_finite: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
@@ -134,6 +136,9 @@ def _quantize_op(
     return codes.clone() if codes._base is not None else codes, scales  # an op's outputs may not be views
 
 
+_quantize_op = torch.library.custom_op("tilewise::quantize_blockwise", _quantize_impl, mutates_args=())
+
+
 @_quantize_op.register_fake
 def _(x, code, block_size, bits, check_finite, backend):
     n = x.numel()
@@ -141,8 +146,7 @@ def _(x, code, block_size, bits, check_finite, backend):
     return codes, x.new_empty(-(-n // block_size), dtype=torch.float32)
 
 
-@torch.library.custom_op("tilewise::dequantize_blockwise", mutates_args=())
-def _dequantize_op(
+def _dequantize_impl(
     codes: torch.Tensor,
     scales: torch.Tensor,
     code: torch.Tensor,
@@ -157,6 +161,9 @@ def _dequantize_op(
 
         return dequantize_blockwise_triton(codes, scales, code, block_size, numel, bits=bits, dtype=dtype)
     return dequantize_blockwise_ref(codes, scales, code, block_size, numel, bits=bits, dtype=dtype)
+
+
+_dequantize_op = torch.library.custom_op("tilewise::dequantize_blockwise", _dequantize_impl, mutates_args=())
 
 
 @_dequantize_op.register_fake

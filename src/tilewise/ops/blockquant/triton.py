@@ -151,10 +151,10 @@ def _stochastic_codes(b_x, b_s, val_ptr, o_g, seed, K, BITS: tl.constexpr, INTER
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, q_ptr, s_ptr, lut_ptr, thr_ptr, mid_ptr, val_ptr, n, K, seed,
+    x_ptr, q_ptr, s_ptr, bad_ptr, lut_ptr, thr_ptr, mid_ptr, val_ptr, n, K, seed,
     BS: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr, SEARCH: tl.constexpr, G: tl.constexpr,
     M: tl.constexpr, E0: tl.constexpr, NT: tl.constexpr, R: tl.constexpr, STOCHASTIC: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    CHECK: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """One tile of ``ROWS`` blocks: ``x [n]`` -> codes ``q`` (uint8, ``[n]`` or packed ``[ceil(n/2)]``) and
     fp32 absmax scales ``s [ceil(n / BS)]``."""
@@ -172,6 +172,10 @@ def _quantize_kernel(
     else:
         b_s = tl.reduce(tl.abs(b_x), 1, _max_nan)
     tl.store(s_ptr + i_t * ROWS + o_r, b_s, mask=o_r * BS < n_left)
+    if CHECK:  # count the tile's non-finite scales into bad_ptr[0]; the atomic runs only when there are some
+        n_bad = tl.sum(((b_s != b_s) | (b_s == float("inf"))).to(tl.int32), axis=0)
+        if n_bad > 0:
+            tl.atomic_add(bad_ptr, n_bad)
     b_s = tl.where(b_s > 0, b_s, 1.0)
     if STOCHASTIC:
         b_q = _stochastic_codes(b_x, b_s[:, None], val_ptr, o_base + o_x, seed, K, BITS, INTERPRET)
@@ -317,6 +321,8 @@ def _build_plan(code: torch.Tensor, bits: int, device: torch.device) -> _Plan:
     return _Plan(code, mid, val, lut, thr, search, g, m, e0, lo.numel(), r)
 
 
+# Triton reads TRITON_INTERPRET when this module defines its kernels, so the flag is read once here too.
+_INTERPRET = interpreting()
 _PLANS: collections.OrderedDict[tuple, _Plan] = collections.OrderedDict()
 _PLANS_MAX = 64
 
@@ -335,12 +341,13 @@ def _plan(code: torch.Tensor, bits: int, device: torch.device) -> _Plan:
     version (the plan holds a reference, so the storage cannot be reused while cached); a new device tensor costs
     one copy to the CPU (a sync) and is then matched by contents, so its tables are not rebuilt.
     """
-    if code.device.type != "cpu":
-        ptr_key = (bits, str(device), code.device, code.data_ptr(), code._version, code.numel(), code.dtype)
-        plan = _PLANS.get(ptr_key)
-        if plan is not None:
-            _PLANS.move_to_end(ptr_key)
-            return plan
+    # any codebook tensor is first looked up by storage and version (the plan keeps it alive, so the address is not
+    # reused while cached): no hashing of contents on the hot path
+    ptr_key = (bits, str(device), code.device, code.data_ptr(), code._version, code.numel(), code.dtype)
+    plan = _PLANS.get(ptr_key)
+    if plan is not None:
+        _PLANS.move_to_end(ptr_key)
+        return plan
     host = code.detach()
     if host.device.type != "cpu" or host.dtype != torch.float32 or not host.is_contiguous():
         host = host.to(device="cpu", dtype=torch.float32).contiguous()
@@ -350,9 +357,7 @@ def _plan(code: torch.Tensor, bits: int, device: torch.device) -> _Plan:
         plan = _remember(key, _build_plan(host, bits, device))
     else:
         _PLANS.move_to_end(key)
-    if code.device.type != "cpu":
-        plan = _remember(ptr_key, dataclasses.replace(plan, owner=code))
-    return plan
+    return _remember(ptr_key, dataclasses.replace(plan, owner=code))
 
 
 def _tile(block_size: int, per_thread: int, min_tile: int) -> tuple[int, int]:
@@ -386,10 +391,11 @@ def quantize_blockwise_triton(
     """Quantize the contiguous ``x`` (fp32/fp16/bf16, read flat, ``n`` elements) onto the sorted codebook
     ``code [K]`` in blocks of ``block_size``.
 
-    ``code`` may live on the CPU (its tables are cached by contents) or on ``x``'s device (cached by storage; the
-    first call per codebook tensor copies it to the CPU). Returns ``(codes, scales)``: ``uint8 [n]`` (``bits=8``) or
-    packed ``uint8 [ceil(n/2)]`` (``bits=4``, element ``2j`` in the high nibble), and fp32 absmax scales
-    ``[ceil(n / block_size)]``. ``stochastic=True`` rounds unbiasedly with Philox numbers from ``seed`` (default 0).
+    ``code`` may live on the CPU or on ``x``'s device: its tables are cached by storage, then by contents (the first
+    call with a new device codebook tensor copies it to the CPU).
+    Returns ``(codes, scales)``: ``uint8 [n]`` (``bits=8``) or packed ``uint8 [ceil(n/2)]`` (``bits=4``, element
+    ``2j`` in the high nibble), and fp32 absmax scales ``[ceil(n / block_size)]``. ``stochastic=True`` rounds
+    unbiasedly with Philox numbers from ``seed`` (default 0).
 
     Raises:
         ValueError: ``x`` holds NaN or inf (checked once after the launch: a device sync on every call;
@@ -403,15 +409,16 @@ def quantize_blockwise_triton(
         return codes, scales
     plan = _plan(code, bits, x.device)
     rows, warps = _tile(block_size, 32, 2048) if bits == 8 else _tile(block_size, 16, 1024)
+    # the kernel counts non-finite scales into `bad`: the check is then one 4-byte copy, no reduction kernel
+    bad = torch.zeros(1, dtype=torch.int32, device=x.device) if check_finite else scales
     with _on(x.device):
         _quantize_kernel[(triton.cdiv(nb, rows),)](
-            x.reshape(-1), codes, scales, plan.lut, plan.thr, plan.mid, plan.val, n, code.numel(),
+            x.reshape(-1), codes, scales, bad, plan.lut, plan.thr, plan.mid, plan.val, n, code.numel(),
             0 if seed is None else seed, BS=block_size, ROWS=rows, BITS=bits, SEARCH=plan.search, G=plan.g,
-            M=plan.m, E0=plan.e0, NT=plan.nt, R=plan.r, STOCHASTIC=stochastic, INTERPRET=interpreting(),
-            num_warps=warps,
+            M=plan.m, E0=plan.e0, NT=plan.nt, R=plan.r, STOCHASTIC=stochastic, CHECK=check_finite,
+            INTERPRET=_INTERPRET, num_warps=warps,
         )  # fmt: skip
-    # scales are >= 0 or NaN, and max propagates NaN: one reduction and one sync (isfinite().all() costs two)
-    if check_finite and not math.isfinite(scales.max().item()):
+    if check_finite and bad.item():  # waits for the kernel: a device sync
         raise ValueError("quantize: input contains NaN or inf")
     return codes, scales
 
@@ -440,6 +447,6 @@ def dequantize_blockwise_triton(
     with _on(codes.device):
         _dequantize_kernel[(triton.cdiv(-(-numel // block_size), rows),)](
             codes, scales, table, y, numel, table.numel(), BS=block_size, ROWS=rows, BITS=bits,
-            CLAMP=table.numel() < 1 << bits, INTERPRET=interpreting(), num_warps=warps,
+            CLAMP=table.numel() < 1 << bits, INTERPRET=_INTERPRET, num_warps=warps,
         )  # fmt: skip
     return y
