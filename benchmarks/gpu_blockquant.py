@@ -61,9 +61,9 @@ def _kernel_call(x: torch.Tensor, name: str, block: int):
 
     def run():
         kernels._quantize_kernel[grid](
-            x, codes, scales, plan.lut, plan.thr, plan.mid, plan.val, n, code.numel(), 0, BS=block, ROWS=rows,
-            BITS=bits, SEARCH=plan.search, G=plan.g, M=plan.m, E0=plan.e0, NT=plan.nt, R=plan.r, STOCHASTIC=False,
-            INTERPRET=False, num_warps=warps,
+            x, codes, scales, scales, plan.lut, plan.thr, plan.mid, plan.val, n, code.numel(), 0, BS=block,
+            ROWS=rows, BITS=bits, SEARCH=plan.search, G=plan.g, M=plan.m, E0=plan.e0, NT=plan.nt, R=plan.r,
+            STOCHASTIC=False, CHECK=False, INTERPRET=False, num_warps=warps,
         )  # fmt: skip
 
     return run

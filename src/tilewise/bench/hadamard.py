@@ -58,7 +58,11 @@ def _ulp_check(actual: torch.Tensor, expected: torch.Tensor) -> str:
     bad = int(torch.ne(actual, expected).sum())
     if bad == 0:
         return f"= ref ({count_label(actual.numel())} el.)"
-    return f"{bad}/{actual.numel()} off by <= {_max_ulps(actual, expected)} ulp"
+    # ulps alone mislead near zero (where a bf16 ulp is tiny), so the largest error relative to the RMS follows
+    e = expected.float()
+    rms = e.pow(2).mean().sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+    worst = ((actual.float() - e).abs().max() / rms).item()
+    return f"{bad}/{actual.numel()} off by <= {_max_ulps(actual, expected)} ulp (max err {worst:.1e} x RMS)"
 
 
 def _max_ulps(actual: torch.Tensor, expected: torch.Tensor) -> int:
