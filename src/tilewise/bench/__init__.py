@@ -5,8 +5,9 @@ Example:
     >>> rows = run_suite("quant", numel=1 << 20, repeats=5)
     >>> print(format_table(rows))
 
-Suites: ``quant`` (block-wise quantize/dequantize vs bitsandbytes and torchao) and ``hadamard`` (the Walsh-Hadamard
-transform vs a dense matmul and fast_hadamard_transform). Importing this package imports neither Triton nor any
+Suites: ``quant`` (block-wise quantize/dequantize vs bitsandbytes and torchao), ``hadamard`` (the Walsh-Hadamard
+transform vs a dense matmul and fast_hadamard_transform) and ``optim`` (an AdamW step on quantized state vs torch,
+bitsandbytes and torchao). Importing this package imports neither Triton nor any
 peer and does not initialise CUDA; a suite does that when it runs.
 """
 

@@ -66,6 +66,7 @@ ROW_KEYS: tuple[str, ...] = (
     "numel",
     "dtype",
     "device",
+    "state_bpp",
     "median_ms",
     "gbps",
     "pct_copy",
@@ -82,7 +83,7 @@ ROW_KEYS: tuple[str, ...] = (
 
 _SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {}
 # Modules whose import registers the built-in suites.
-_BUILTIN_SUITES = ("tilewise.bench.quant", "tilewise.bench.hadamard")
+_BUILTIN_SUITES = ("tilewise.bench.quant", "tilewise.bench.hadamard", "tilewise.bench.optim")
 # An op whose bytes are under this many L2 sizes gets the L2 flushed before each timed call.
 _FLUSH_L2_BELOW = 8
 _DEFAULT_L2_BYTES = 50 << 20
@@ -414,6 +415,7 @@ _COLUMNS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("impl", "impl", str),
     ("numel", "numel", count_label),
     ("dtype", "dtype", str),
+    ("state_bpp", "state B/param", lambda v: f"{v:.3g}"),
     ("median_ms", "ms", lambda v: f"{v:.3f}" if v < 100 else f"{v:.1f}"),
     ("gbps", "GB/s", lambda v: f"{v:.0f}" if v >= 10 else f"{v:.2f}"),
     ("pct_copy", "% copy", lambda v: f"{v:.1f}%"),

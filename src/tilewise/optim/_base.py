@@ -1,0 +1,257 @@
+"""The shared base of tilewise's optimizers: hyperparameter checks, state formats, grouping, state_dict.
+
+A subclass names its ``kind`` (``"adam"``, ``"lion"`` or ``"sgd"``), checks its own hyperparameters in
+``_check_group`` and runs one functional step from :mod:`tilewise.ops.optim_step` in ``_step_bucket``. Every
+parameter group carries ``state_bits``/``state_format``, ``min_quant_numel``, ``stochastic_round``,
+``master_weights``, ``skip_nonfinite``, ``backend`` and ``seed``, so each can be overridden per group.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from tilewise._backend import BACKENDS
+from tilewise.ops.optim_step import QUANT_FORMATS, STATE_FORMATS, init_state
+
+__all__ = ["BITS_TO_FORMAT", "LowBitOptimizer", "resolve_state_format"]
+
+BITS_TO_FORMAT: dict[int, str] = {32: "fp32", 16: "bf16", 8: "q8", 4: "q4"}
+# group keys every tilewise optimizer accepts, with their defaults
+COMMON_DEFAULTS: dict[str, Any] = {
+    "state_bits": 32,
+    "state_format": None,
+    "min_quant_numel": 4096,
+    "stochastic_round": False,
+    "master_weights": False,
+    "skip_nonfinite": False,
+    "backend": "auto",
+    "seed": 0,
+}
+# the group key counting steps, for the stochastic-rounding seed (saved with the param groups: resumes exactly)
+_CALLS = "sr_calls"
+
+
+def resolve_state_format(state_bits: int, state_format: str | None) -> str:
+    """The state format name of a group: ``state_format`` when given (``"fp32"``, ``"bf16"``, ``"q8"``, ``"q4"``,
+    ``"fp8"``), else from ``state_bits`` (32 -> fp32, 16 -> bf16, 8 -> q8, 4 -> q4)."""
+    if state_format is not None:
+        if state_format not in STATE_FORMATS:
+            raise ValueError(f"state_format={state_format!r} is unknown; use one of {', '.join(STATE_FORMATS)}")
+        return state_format
+    if isinstance(state_bits, bool) or state_bits not in BITS_TO_FORMAT:
+        raise ValueError(f"state_bits={state_bits!r} is not supported; use 32, 16 (bf16), 8 or 4")
+    return BITS_TO_FORMAT[state_bits]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameter or gradient); other tensors as they are."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None = None, *, high_open: bool = True) -> None:
+    """``low <= value`` (and ``value < high`` or ``<= high``), else a ``ValueError`` naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    above = high is not None and (value >= high if high_open else value > high)
+    if not value >= low or above:
+        bound = f"[{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
+        raise ValueError(f"invalid {name}: {value!r}; it must be in {bound}")
+
+
+class LowBitOptimizer(torch.optim.Optimizer):
+    """Base of the tilewise optimizers (a ``torch.optim.Optimizer``); not used directly.
+
+    Subclasses set ``kind`` and implement ``_check_group`` and ``_step_bucket``.
+    """
+
+    kind: str = ""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        super().__init__(params, {**COMMON_DEFAULTS, **defaults})
+
+    # --- param groups -------------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (as ``torch.optim.Optimizer.add_param_group``) after checking its hyperparameters."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_common(group)
+            self._check_group(group)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+        group.setdefault(_CALLS, 0)
+
+    def _check_common(self, group: dict[str, Any]) -> None:
+        _check_number("lr", group["lr"], 0.0)
+        _check_number("weight_decay", group["weight_decay"], 0.0)
+        resolve_state_format(group["state_bits"], group["state_format"])
+        n = group["min_quant_numel"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"min_quant_numel must be a non-negative int, got {n!r}")
+        if group["backend"] not in BACKENDS:
+            raise ValueError(f"backend={group['backend']!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        for key in ("stochastic_round", "master_weights", "skip_nonfinite", "maximize"):
+            if not isinstance(group.get(key, False), bool):
+                raise ValueError(f"{key} must be True or False, got {group[key]!r}")
+        if not isinstance(group["seed"], int) or isinstance(group["seed"], bool):
+            raise ValueError(f"seed must be an int, got {group['seed']!r}")
+        for p in group["params"]:
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                name = type(self).__name__
+                raise ValueError(f"{name} supports float32, bfloat16 and float16 parameters, got {p.dtype}")
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _param_format(self, group: dict[str, Any], p: torch.Tensor) -> str:
+        """The state format of ``p``: the group's, except fp32 for quantized formats when ``p`` (its global
+        size, for a DTensor) has fewer than ``min_quant_numel`` elements."""
+        fmt = resolve_state_format(group["state_bits"], group["state_format"])
+        if fmt in QUANT_FORMATS and p.numel() < group["min_quant_numel"]:
+            return "fp32"
+        return fmt
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+        master = group["master_weights"] and p.dtype != torch.float32
+        return init_state(
+            _local(p),
+            self.kind,
+            fmt,
+            amsgrad=group.get("amsgrad", False),
+            master=master,
+            momentum=group.get("momentum", 0) != 0,
+        )
+
+    # --- the step ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step for every parameter that has a gradient; returns ``closure()``'s loss if given.
+
+        Parameters are bucketed per group by (dtype, device, state format), one functional call per bucket.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple, tuple[list, list, list]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                fmt = self._param_format(group, p)
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(group, p, fmt))
+                local = _local(p)
+                ps, gs, ss = buckets.setdefault((local.dtype, local.device, fmt), ([], [], []))
+                ps.append(local)
+                gs.append(_local(p.grad))
+                ss.append(state)
+            # a new seed per call and group, from a counter saved with the group: a resumed run draws the same
+            seed = (group["seed"] * 1_000_003 + group[_CALLS] * 7919) % (1 << 62)
+            group[_CALLS] += 1
+            for (_, _, fmt), (ps, gs, ss) in buckets.items():
+                self._step_bucket(group, ps, gs, ss, fmt, seed)
+        return loss
+
+    def _step_bucket(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, torch.Tensor]],
+        state_format: str,
+        seed: int,
+    ) -> None:
+        raise NotImplementedError
+
+    def _common_step_kwargs(self, group: dict[str, Any], state_format: str, seed: int) -> dict[str, Any]:
+        return {
+            "lr": group["lr"],
+            "weight_decay": group["weight_decay"],
+            "maximize": group["maximize"],
+            "state_format": state_format,
+            "stochastic_round": group["stochastic_round"],
+            "skip_nonfinite": group["skip_nonfinite"],
+            "seed": seed,
+            "backend": group["backend"],
+        }
+
+    def skipped_steps(self) -> torch.Tensor:
+        """Parameter updates skipped for a non-finite gradient (``skip_nonfinite=True``), summed over parameters,
+        as an fp32 scalar tensor (reading its value waits for the device)."""
+        counts = [s["skips"].float().cpu() for s in self.state.values() if "skips" in s]
+        return torch.stack(counts).sum() if counts else torch.zeros(())
+
+    # --- state_dict -------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` of the same optimizer class and state formats.
+
+        Tensors keep their saved dtypes (uint8 codes, fp32 scales and master weights; ``torch.optim`` would cast
+        them to the parameter's dtype) and move to the parameter's device.
+
+        Raises:
+            ValueError: the saved groups use another state format, or a parameter's saved state does not have the
+                keys, dtypes and sizes of its format (e.g. another ``min_quant_numel``).
+        """
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}")
+        saved_state = state_dict["state"]
+        index = 0
+        for i, (mine, saved) in enumerate(zip(self.param_groups, groups, strict=True)):
+            fmt = resolve_state_format(mine["state_bits"], mine["state_format"])
+            saved_fmt = resolve_state_format(saved.get("state_bits", 32), saved.get("state_format"))
+            if saved_fmt != fmt:
+                raise ValueError(
+                    f"param group {i}: the state_dict was saved with state format {saved_fmt!r}, but this "
+                    f"optimizer uses {fmt!r}; create the optimizer with the same state_bits/state_format to load it"
+                )
+            for p in mine["params"]:
+                if index in saved_state:
+                    self._check_saved_state(p, saved_state[index], self._param_format(mine, p), i)
+                index += 1
+        super().load_state_dict(state_dict)
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if index in saved_state:
+                    device = _local(p).device
+                    self.state[p] = {k: v.to(device=device, copy=True) for k, v in saved_state[index].items()}
+                index += 1
+
+    def _check_saved_state(self, p: torch.Tensor, saved: dict[str, Any], fmt: str, group_index: int) -> None:
+        expected = self._init_state(self.param_groups[group_index], _local(p).detach().to("meta"), fmt)
+        for key, ref in expected.items():
+            got = saved.get(key)
+            ok = isinstance(got, torch.Tensor) and got.dtype == ref.dtype and got.shape == ref.shape
+            if not ok:
+                desc = "missing" if got is None else f"{getattr(got, 'dtype', type(got))} {tuple(got.shape)}"
+                raise ValueError(
+                    f"param group {group_index}: a parameter's saved state does not match state format {fmt!r}: "
+                    f"{key!r} is {desc}, expected {ref.dtype} {tuple(ref.shape)}; was it saved by another "
+                    "optimizer or state format?"
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in COMMON_DEFAULTS.items():
+                group.setdefault(key, copy.copy(value))
+            group.setdefault(_CALLS, 0)
