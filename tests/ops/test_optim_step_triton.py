@@ -19,6 +19,7 @@ triton_step = pytest.importorskip("tilewise.ops.optim_step.triton")
 pytestmark = pytest.mark.interpret
 
 SIZES = (1, 255, 256, 1000, 4099, (33, 65))
+QUANTIZED = ("q8", "q4", "fp8")
 ADAM = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1}
 # fp32 moments: the two sides' fp32 ops round differently by an ulp or two (the order of the scalar products);
 # near-cancelling moments then differ by a few ulps of their inputs, hence the small absolute floor.
@@ -35,13 +36,30 @@ def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.randn(p.shape, device=p.device).to(p.dtype) for p in params]
 
 
-def _check_params(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+def _allow_code_flips(a: torch.Tensor, e: torch.Tensor, within: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> None:
+    """Quantized state: a moment whose fp32 value differs by an ulp between the two sides can land on the
+    neighbouring code (the spec allows 0.1% of codes to differ), and that element's update then differs by up to
+    one step's size. So all but 0.1% of elements (at least one) must pass ``within``, and every element must stay
+    within ``2 * lr`` per step (an Adam/Lion/SGD step moves a weight by about ``lr`` at most)."""
+    outside = int((~within).sum())
+    assert outside <= max(1, a.numel() // 1000), f"{outside} of {a.numel()} elements outside the tolerance"
+    assert bool(((a.float() - e.float()).abs() <= 2 * lr * steps).all())
+
+
+def _check_params(ours: list[torch.Tensor], ref: list[torch.Tensor], quantized: bool = False) -> None:
     for a, e in zip(ours, ref, strict=True):
         if a.dtype == torch.float32:
-            assert_close(a, e)
+            if quantized:
+                _allow_code_flips(a, e, torch.isclose(a, e, rtol=1.3e-6, atol=1e-5))
+            else:
+                assert_close(a, e)
         else:  # one rounding of nearly equal fp32 values: at most one ulp of the parameter dtype apart
             ulp = torch.finfo(a.dtype).eps * e.float().abs().clamp_min(torch.finfo(a.dtype).tiny)
-            assert ((a.float() - e.float()).abs() <= ulp * 1.01).all()
+            within = (a.float() - e.float()).abs() <= ulp * 1.01
+            if quantized:
+                _allow_code_flips(a, e, within)
+            else:
+                assert bool(within.all())
 
 
 def _check_states(ours: list[dict], ref: list[dict]) -> None:
@@ -50,7 +68,10 @@ def _check_states(ours: list[dict], ref: list[dict]) -> None:
         for key, e in s_e.items():
             a = s_a[key]
             if key == "master":
-                assert_close(a, e, msg=key)
+                if any(t.dtype == torch.uint8 for t in s_e.values()):  # see _allow_code_flips
+                    _allow_code_flips(a, e, torch.isclose(a, e, rtol=1.3e-6, atol=1e-5))
+                else:
+                    assert_close(a, e, msg=key)
             elif key in ("step", "skips"):
                 assert_exact(a, e, msg=key)
             elif e.dtype == torch.uint8:
@@ -71,7 +92,7 @@ def test_adamw_matches_reference(fmt: str, dtype: torch.dtype, device: str) -> N
         grads = _grads(params)
         triton_step.adam_step_triton(params, grads, states, **ADAM, amsgrad=True, state_format=fmt)
         adam_step_ref(p_ref, grads, s_ref, **ADAM, amsgrad=True, state_format=fmt)
-    _check_params(params, p_ref)
+    _check_params(params, p_ref, quantized=fmt in QUANTIZED)
     _check_states(states, s_ref)
     assert all(s["step"].item() == 3 for s in states)
 
@@ -84,7 +105,7 @@ def test_adam_coupled_maximize_tensor_lr(fmt: str, device: str) -> None:
         grads = _grads(params)
         triton_step.adam_step_triton(params, grads, states, **{**kw, "lr": lr})
         adam_step_ref(p_ref, grads, s_ref, **{**kw, "lr": lr})
-    _check_params(params, p_ref)
+    _check_params(params, p_ref, quantized=fmt in QUANTIZED)
     _check_states(states, s_ref)
 
 
@@ -100,7 +121,7 @@ def test_master_weights_and_skip_nonfinite(device: str) -> None:
         kw = {**ADAM, "state_format": "q8", "skip_nonfinite": True}
         triton_step.adam_step_triton(params, grads, states, **kw)
         adam_step_ref(p_ref, grads, s_ref, **kw)
-    _check_params(params, p_ref)
+    _check_params(params, p_ref, quantized=True)
     _check_states(states, s_ref)
     assert [s["skips"].item() for s in states] == [0, 0, 1, 0, 1, 0]
     assert [s["step"].item() for s in states] == [3, 3, 2, 3, 2, 3]
@@ -128,7 +149,7 @@ def test_lion_matches_reference(fmt: str, device: str) -> None:
         grads = _grads(params)
         triton_step.lion_step_triton(params, grads, states, **kw)
         lion_step_ref(p_ref, grads, s_ref, **kw)
-    _check_params(params, p_ref)
+    _check_params(params, p_ref, quantized=fmt in QUANTIZED)
     _check_states(states, s_ref)
 
 
@@ -141,7 +162,7 @@ def test_sgd_matches_reference(fmt: str, nesterov: bool, momentum: float, device
         grads = _grads(params)
         triton_step.sgd_step_triton(params, grads, states, **kw)
         sgd_step_ref(p_ref, grads, s_ref, **kw)
-    _check_params(params, p_ref)
+    _check_params(params, p_ref, quantized=fmt in QUANTIZED)
     _check_states(states, s_ref)
 
 
@@ -163,6 +184,6 @@ def test_public_api_dispatches_and_handles_empty(device: str) -> None:
     grads = _grads(params)
     adam_step(params, grads, states, **ADAM, state_format="q4", backend="triton")
     adam_step_ref(p_ref, grads, s_ref, **ADAM, state_format="q4")
-    _check_params(params, p_ref)
+    _check_params(params, p_ref, quantized=True)
     _check_states(states, s_ref)
     assert [s["step"].item() for s in states] == [1, 1]

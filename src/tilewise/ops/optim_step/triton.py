@@ -300,7 +300,9 @@ def _tile_update(
     _store_param(tab_t, b_w, i_t, i_b, o_x, m_x, p0, seed, TILE, MASTER, STOCHASTIC, ALIGNED, INTERPRET)
 
 
-@triton.jit
+# seed changes every call (the optimizers derive it from a step counter): unspecialized, or Triton compiles one
+# variant for seeds divisible by 16 and another for the rest (seen on an H100: a second 2.4 s compile at step 1)
+@triton.jit(do_not_specialize=["seed"])
 def _step_kernel(
     tab, tiles, bad_ptr, lr_ptr, p0, g0, cm_ptr, lutm_ptr, thrm_ptr, midm_ptr, cv_ptr, lutv_ptr, thrv_ptr, midv_ptr,
     lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1_lo, b2_hi, b2_lo, w1, beta2, w2, eps, wd, seed, KM, KV,
