@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -55,6 +56,39 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2 parameter or gradient); other tensors as they are."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _as_dtensor(key: str, value: Any, param: torch.Tensor) -> Any:
+    """A state tensor of DTensor ``param`` as a DTensor on ``param``'s mesh (``value`` is the local shard's state).
+
+    Buffers shaped like the local shard (fp32/bf16 moments, ``master``) take ``param``'s placements and global
+    shape, as torch.optim's state does under FSDP2. Quantized ``*_codes``/``*_scales`` are laid out per local
+    shard's blocks; their global tensor is the concatenation of the shards', ``Shard(0)`` on each sharded mesh
+    dim, which is a valid DTensor only when every shard has the same size, so they stay plain local tensors
+    when ``param`` is sharded unevenly, with a warning (``torch.distributed.checkpoint`` cannot save those). Scalars
+    (``step``, ``skips``) stay plain tensors (replicated).
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return value
+    mesh, placements = param.device_mesh, param.placements
+    if not key.endswith(("_codes", "_scales")):
+        return DTensor.from_local(value, mesh, placements, run_check=False, shape=param.shape, stride=param.stride())
+    shards = 1
+    for dim, placement in enumerate(placements):
+        shards *= mesh.size(dim) if isinstance(placement, Shard) else 1
+    if _local(param).numel() * shards != param.numel():  # uneven shards: local sizes differ across ranks
+        warnings.warn(
+            f"optimizer state {key!r} of a parameter of shape {tuple(param.shape)} sharded unevenly over "
+            f"{shards} ranks stays a local tensor: torch.distributed.checkpoint cannot save it per rank; shard "
+            "evenly (a sharded dim divisible by the number of ranks), use fp32/bf16 state for it, or save each "
+            "rank's optimizer.state_dict() with torch.save",
+            stacklevel=3,
+        )
+        return value
+    flat = [Shard(0) if isinstance(placement, Shard) else placement for placement in placements]
+    return DTensor.from_local(value, mesh, flat, run_check=False, shape=(value.numel() * shards,), stride=(1,))
 
 
 def _check_number(name: str, value: Any, low: float, high: float | None = None, *, high_open: bool = True) -> None:
@@ -200,6 +234,16 @@ class LowBitOptimizer(torch.optim.Optimizer):
         return torch.stack(counts).sum() if counts else torch.zeros(())
 
     # --- state_dict -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``, with the state of a DTensor parameter (FSDP2) as DTensors on the
+        parameter's mesh, so that ``torch.distributed.checkpoint`` saves each rank's shard (see :func:`_as_dtensor`)."""
+        state_dict = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            if _is_dtensor(params[index]):  # a new dict: the packed state still aliases self.state[p]
+                state_dict["state"][index] = {k: _as_dtensor(k, v, params[index]) for k, v in saved.items()}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict` of the same optimizer class and state formats.
 
@@ -210,11 +254,15 @@ class LowBitOptimizer(torch.optim.Optimizer):
             ValueError: the saved groups use another state format, or a parameter's saved state does not have the
                 keys, dtypes and sizes of its format (e.g. another ``min_quant_numel``).
         """
+        # DTensor state (saved for a DTensor parameter) loads as this rank's shard
+        state = {i: {k: _local(v) for k, v in saved.items()} for i, saved in state_dict["state"].items()}
+        state_dict = {**state_dict, "state": state}
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}")
         saved_state = state_dict["state"]
-        index = 0
+        # the saved groups' "params" name the state's keys (indices, or FQNs from torch.distributed.checkpoint)
+        pairs = []
         for i, (mine, saved) in enumerate(zip(self.param_groups, groups, strict=True)):
             fmt = resolve_state_format(mine["state_bits"], mine["state_format"])
             saved_fmt = resolve_state_format(saved.get("state_bits", 32), saved.get("state_format"))
@@ -223,18 +271,15 @@ class LowBitOptimizer(torch.optim.Optimizer):
                     f"param group {i}: the state_dict was saved with state format {saved_fmt!r}, but this "
                     f"optimizer uses {fmt!r}; create the optimizer with the same state_bits/state_format to load it"
                 )
-            for p in mine["params"]:
-                if index in saved_state:
-                    self._check_saved_state(p, saved_state[index], self._param_format(mine, p), i)
-                index += 1
+            # strict=False: torch.optim's load_state_dict below reports groups of other sizes
+            for p, key in zip(mine["params"], saved["params"], strict=False):
+                if key in saved_state:
+                    self._check_saved_state(p, saved_state[key], self._param_format(mine, p), i)
+                    pairs.append((p, saved_state[key]))
         super().load_state_dict(state_dict)
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if index in saved_state:
-                    device = _local(p).device
-                    self.state[p] = {k: v.to(device=device, copy=True) for k, v in saved_state[index].items()}
-                index += 1
+        for p, saved in pairs:
+            device = _local(p).device
+            self.state[p] = {k: v.to(device=device, copy=True) for k, v in saved.items()}
 
     def _check_saved_state(self, p: torch.Tensor, saved: dict[str, Any], fmt: str, group_index: int) -> None:
         expected = self._init_state(self.param_groups[group_index], _local(p).detach().to("meta"), fmt)
