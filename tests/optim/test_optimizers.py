@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -364,3 +365,16 @@ def test_aliases_default_to_low_bit_state(cls, bits: int, key: str) -> None:
     assert opt.state[p][key].numel() == (8192 if bits == 8 else 4096)
     assert p.dtype == torch.float16
     assert bool(torch.isfinite(p).all())
+
+
+def test_small_tensors_keep_fp32_state_with_one_warning() -> None:
+    model = _mlp()  # weights of 6144 and 768 elements, biases of 96 and 8
+    opt = to.AdamW(model.parameters(), lr=1e-3, state_bits=8)  # min_quant_numel 4096
+    model(torch.randn(4, 64)).square().mean().backward()
+    with pytest.warns(UserWarning, match=r"3 parameter tensors \(872 elements\) are smaller than min_quant_numel"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning once the states exist
+        opt.step()
+    formats = ["exp_avg_codes" in opt.state[p] for p in model.parameters()]
+    assert formats == [True, False, False, False]

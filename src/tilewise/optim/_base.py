@@ -181,6 +181,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        kept = [0, 0]  # tensors and elements that get 32-bit state this step because they are small
         for group in self.param_groups:
             buckets: dict[tuple, tuple[list, list, list]] = {}
             for p in group["params"]:
@@ -192,16 +193,26 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(group, p, fmt))
+                    if fmt != resolve_state_format(group["state_bits"], group["state_format"]):
+                        kept[0], kept[1] = kept[0] + 1, kept[1] + p.numel()
                 local = _local(p)
                 ps, gs, ss = buckets.setdefault((local.dtype, local.device, fmt), ([], [], []))
                 ps.append(local)
                 gs.append(_local(p.grad))
                 ss.append(state)
             # a new seed per call and group, from a counter saved with the group: a resumed run draws the same
-            seed = (group["seed"] * 1_000_003 + group[_CALLS] * 7919) % (1 << 62)
+            # (kept below 2**31 so the kernel's seed argument keeps one integer type: no recompilation)
+            seed = (group["seed"] * 1_000_003 + group[_CALLS] * 7919) % ((1 << 31) - 1)
             group[_CALLS] += 1
             for (_, _, fmt), (ps, gs, ss) in buckets.items():
                 self._step_bucket(group, ps, gs, ss, fmt, seed)
+        if kept[0]:  # once, when their state is created: they cost memory, not correctness
+            warnings.warn(
+                f"{type(self).__name__}: {kept[0]} parameter tensors ({kept[1]} elements) are smaller than "
+                "min_quant_numel and keep 32-bit optimizer state (8 bytes/element); lower min_quant_numel in "
+                "their param group to quantize them too",
+                stacklevel=2,
+            )
         return loss
 
     def _step_bucket(
