@@ -1,0 +1,237 @@
+"""Analytic peak-memory estimate for training a MetaFormer model: weights, gradients, optimizer state, activations.
+
+Nothing is allocated: the model is built on the meta device, the optimizer state is laid out per parameter with
+:func:`tilewise.ops.optim_step.init_state` on meta tensors, and activations follow the per-block formulas in
+README.md beside this file.
+
+Example:
+    >>> bd = estimate("base", Recipe(optim="adamw8bit", batch_size=8, seq_len=1024))
+    >>> print(bd.format_table())
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from tilewise.nn import CONFIGS, MIXERS, MetaFormerConfig, build_model
+from tilewise.ops.optim_step import QUANT_FORMATS, init_state
+
+__all__ = ["CATEGORIES", "OPTIMIZERS", "Breakdown", "Recipe", "estimate", "plan_main"]
+
+CATEGORIES: tuple[str, ...] = ("weights", "gradients", "optimizer_state", "activations", "other")
+# optim name -> (state kind, state format); "torch" keeps torch.optim.AdamW's state in the parameter's dtype.
+OPTIMIZERS: dict[str, tuple[str, str]] = {
+    "adamw": ("adam", "torch"),
+    "tw-adamw": ("adam", "fp32"),
+    "adamw8bit": ("adam", "q8"),
+    "adamw4bit": ("adam", "q4"),
+    "lion8bit": ("lion", "q8"),
+    "sgd": ("sgd", "fp32"),
+}
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Allocator slack, the loss's scalar temporaries and cuBLAS workspaces; the CUDA context (~0.5 GiB, outside
+# torch.cuda.max_memory_allocated) is not included.
+OTHER_ALLOWANCE = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained, as far as memory goes.
+
+    Args:
+        optim: one of :data:`OPTIMIZERS`: ``"adamw"`` (torch.optim.AdamW, state in the parameter dtype),
+            ``"tw-adamw"`` (tilewise AdamW, fp32 state), ``"adamw8bit"``, ``"adamw4bit"``, ``"lion8bit"``,
+            ``"sgd"`` (tilewise SGD with momentum, fp32 buffer); default ``"adamw"``.
+        param_dtype: ``"fp32"`` or ``"bf16"`` parameters (and gradients); default fp32.
+        autocast_bf16: run forward/backward under ``torch.autocast(dtype=torch.bfloat16)``; default False.
+        batch_size: sequences per micro-batch ``B``; default 8.
+        seq_len: tokens per sequence ``T``; default 1024.
+        activation_checkpointing: each ``MetaFormerBlock`` wrapped in ``torch.utils.checkpoint``; default False.
+        grad_accum: micro-batches per step (does not change the peak: gradients accumulate in place); default 1.
+        min_quant_numel: tensors smaller than this keep fp32 state under 8/4-bit formats; default 4096.
+    """
+
+    optim: str = "adamw"
+    param_dtype: str = "fp32"
+    autocast_bf16: bool = False
+    batch_size: int = 8
+    seq_len: int = 1024
+    activation_checkpointing: bool = False
+    grad_accum: int = 1
+    min_quant_numel: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"unknown optim {self.optim!r}; use one of {', '.join(OPTIMIZERS)}")
+        if self.param_dtype not in DTYPES:
+            raise ValueError(f"unknown param_dtype {self.param_dtype!r}; use one of {', '.join(DTYPES)}")
+        for name in ("batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+
+@dataclass
+class Breakdown:
+    """Bytes per category (:data:`CATEGORIES`); ``total`` is their sum, a conservative peak."""
+
+    weights: int = 0
+    gradients: int = 0
+    optimizer_state: int = 0
+    activations: int = 0
+    other: int = 0
+    title: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, c) for c in CATEGORIES)
+
+    def as_dict(self) -> dict[str, int]:
+        return {c: getattr(self, c) for c in CATEGORIES} | {"total": self.total}
+
+    def format_table(self) -> str:
+        """A text table: one row per category with MiB, GiB and % of the total."""
+        total = max(self.total, 1)
+        lines = [self.title] if self.title else []
+        lines.append(f"{'category':<16} {'MiB':>12} {'GiB':>9} {'%':>6}")
+        for name, value in self.as_dict().items():
+            pct = 100.0 * value / total
+            lines.append(f"{name:<16} {value / 2**20:>12.1f} {value / 2**30:>9.3f} {pct:>6.1f}")
+        return "\n".join(lines)
+
+
+def _config(model: str | MetaFormerConfig, mixer: str | None) -> MetaFormerConfig:
+    if isinstance(model, str):
+        if model not in CONFIGS:
+            raise ValueError(f"unknown model {model!r}; named configs are: {', '.join(CONFIGS)}")
+        model = CONFIGS[model]
+    if mixer is not None:
+        if mixer not in MIXERS:
+            raise ValueError(f"unknown mixer {mixer!r}; registered mixers are: {', '.join(sorted(MIXERS))}")
+        model = dataclasses.replace(model, mixer=mixer)
+    return model
+
+
+def _optimizer_bytes(params: list[torch.Tensor], recipe: Recipe) -> int:
+    """Bytes of the optimizer state, laid out per parameter exactly as the optimizer will (on meta tensors)."""
+    kind, fmt = OPTIMIZERS[recipe.optim]
+    total = 0
+    for p in params:
+        if fmt == "torch":  # torch.optim.AdamW: exp_avg, exp_avg_sq in p.dtype, fp32 scalar step
+            total += 2 * p.numel() * p.element_size() + 4
+            continue
+        p_fmt = "fp32" if fmt in QUANT_FORMATS and p.numel() < recipe.min_quant_numel else fmt
+        state = init_state(p, kind, p_fmt, momentum=True)
+        total += sum(t.numel() * t.element_size() for t in state.values())
+    return total
+
+
+def _mixer_bytes_per_token(config: MetaFormerConfig, a: int, autocast: bool) -> float:
+    """Saved bytes per token of one block's token mixer, its input cast(s) included (README.md, "Mixers")."""
+    D = config.dim
+    if config.mixer == "attention":
+        # normed input (one copy, or one bf16 cast per projection under autocast), q and k after RoPE, v
+        # (repeated to all heads under GQA), output; plus the fp32 logsumexp [B, H, T]
+        return (3 if autocast else 1) * D * a + 4 * D * a + 4 * config.n_heads
+    if config.mixer == "pooling":
+        return 0.0  # parameter-free: saves only [T] index and count tensors
+    if config.mixer == "conv":
+        return D * a  # the left-padded input [B, D, T + k - 1]
+    raise ValueError(f"no activation formula for mixer {config.mixer!r}; formulas exist for attention, pooling, conv")
+
+
+def _block_bytes_per_token(config: MetaFormerConfig, a: int, autocast: bool) -> float:
+    """Saved bytes per token of one MetaFormer block in training (no checkpointing)."""
+    D, H = config.dim, config.hidden_dim
+    norms = 2 * (4 * D + 4 * D + 4)  # RMSNorm in fp32: input, x * rstd, rstd
+    if config.mlp == "swiglu":
+        mlp = (2 if autocast else 1) * D * a + 4 * H * a  # input; w1 x, w3 x, silu(w1 x), product
+    else:
+        mlp = D * a + 2 * H * a  # input; w1 x, gelu(w1 x)
+    return norms + _mixer_bytes_per_token(config, a, autocast) + mlp
+
+
+def _activation_bytes(config: MetaFormerConfig, recipe: Recipe, linear_numel: int) -> int:
+    """Peak bytes held for backward: per-block saved tensors (or block inputs + one recomputed block), the head."""
+    autocast = recipe.autocast_bf16 and recipe.param_dtype != "bf16"
+    a = 2 if (autocast or recipe.param_dtype == "bf16") else 4
+    p = 4 if recipe.param_dtype == "fp32" else 2
+    BT, D, V, L = recipe.batch_size * recipe.seq_len, config.dim, config.vocab_size, config.n_layers
+    block = _block_bytes_per_token(config, a, autocast) * BT
+    if config.mixer == "attention":
+        block += 2 * recipe.seq_len * (D // config.n_heads) * a  # RoPE cos, sin [T, Dh]
+    # tokens and targets (int64); final norm; the head's input; log_softmax output in fp32 [B, T, V]
+    head = BT * (8 + 8 + (8 * D + 4) + D * a + 4 * V)
+    head_numel = V * D  # the output projection (or the tied embedding) is cast too
+    block_numel = (linear_numel - (0 if config.tie_embeddings else head_numel)) // L
+    if recipe.activation_checkpointing:
+        blocks, cast_numel = L * BT * D * p + block, block_numel + head_numel
+    else:
+        blocks, cast_numel = L * block, L * block_numel + head_numel
+    casts = 2 * cast_numel if autocast else 0  # autocast's bf16 weight copies, held for backward
+    return int(blocks + head + casts)
+
+
+def estimate(model: str | MetaFormerConfig, recipe: Recipe, *, mixer: str | None = None) -> Breakdown:
+    """Predict the training peak of ``model`` under ``recipe`` without allocating (meta device).
+
+    Args:
+        model: a name of :data:`tilewise.nn.CONFIGS` or a :class:`MetaFormerConfig`.
+        recipe: optimizer, dtypes, batch and sequence, checkpointing; see :class:`Recipe`.
+        mixer: replaces the config's token mixer.
+
+    Raises:
+        ValueError: for an unknown model, mixer or optimizer name.
+    """
+    config = _config(model, mixer)
+    dtype = DTYPES[recipe.param_dtype]
+    meta = build_model(config, device="meta", dtype=dtype)
+    params = list(meta.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    linear_numel = sum(m.weight.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear))
+    name = model if isinstance(model, str) else "custom config"
+    title = (
+        f"{name} ({config.mixer}, {sum(p.numel() for p in params):,} params), {recipe.optim}, "
+        f"{recipe.param_dtype}{' + autocast bf16' if recipe.autocast_bf16 else ''}, "
+        f"B={recipe.batch_size} T={recipe.seq_len}{', checkpointing' if recipe.activation_checkpointing else ''}"
+    )
+    return Breakdown(
+        weights=weights,
+        gradients=weights,
+        optimizer_state=_optimizer_bytes(params, recipe),
+        activations=_activation_bytes(config, recipe, linear_numel),
+        other=OTHER_ALLOWANCE,
+        title=title,
+    )
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """``tilewise plan``: print the predicted breakdown for a model and recipe; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="tilewise plan", description="Predict training memory (no allocation).")
+    parser.add_argument("--model", default="tiny", help=f"named config: {', '.join(CONFIGS)}")
+    parser.add_argument("--optim", default="adamw", help=f"optimizer: {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="parameter dtype")
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast for fp32 parameters")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    parser.add_argument("--mixer", default=None, help=f"token mixer: {', '.join(sorted(MIXERS))}")
+    args = parser.parse_args(argv)
+    try:
+        recipe = Recipe(
+            optim=args.optim,
+            param_dtype=args.dtype,
+            autocast_bf16=args.autocast,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            activation_checkpointing=args.checkpointing,
+        )
+        breakdown = estimate(args.model, recipe, mixer=args.mixer)
+    except ValueError as err:
+        print(f"tilewise plan: error: {err}")
+        return 2
+    print(breakdown.format_table())
+    return 0
