@@ -37,9 +37,9 @@ def test_env_table_names_every_section() -> None:
 
 
 def test_unknown_subcommand_is_a_usage_error() -> None:
-    proc = _run("train")
+    proc = _run("generate")  # not written yet (issue #4 lists it for later)
     assert proc.returncode == 2
-    assert "invalid choice: 'train'" in proc.stderr
+    assert "invalid choice: 'generate'" in proc.stderr
 
 
 def test_version() -> None:
@@ -125,3 +125,13 @@ def test_bench_passes_only_the_given_options(
     assert calls == [("quant", {"numel": 4096, "backend": "reference"})]
     assert "TABLE 1 rows" in capsys.readouterr().out
     assert json.loads(out.read_text()) == [{"impl": "tilewise", "median_ms": 1.5}]
+
+
+def test_plan_prints_the_breakdown(capsys) -> None:
+    from tilewise.cli import main
+
+    assert main(["plan", "--model", "tiny", "--optim", "adamw8bit", "--batch-size", "2", "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    for category in ("weights", "gradients", "optimizer_state", "activations", "total"):
+        assert category in out
+    assert main(["plan", "--model", "nope"]) == 2

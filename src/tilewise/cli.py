@@ -3,6 +3,7 @@
 tilewise env [--json]                  what this machine offers (tilewise.envinfo)
 tilewise demo [--codebooks ...]        every codebook on one tensor, side by side (tilewise.quant.demo)
 tilewise bench SUITE [--json PATH]     our ops beside the installed peers (tilewise.bench)
+tilewise train [--steps N ...]         train a byte-level LM into one run directory (tilewise.train)
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tilewise.train import TrainConfig, load_config, train
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    given = {name: value for name, value in given.items() if value is not None}
+    base = load_config(args.resume) if args.resume is not None else TrainConfig()
+    config = dataclasses.replace(base, **given)
+    try:
+        train(config)
+    except KeyboardInterrupt:
+        return 130  # the trainer wrote a checkpoint and printed the run directory
+    return 0
+
+
 def _write_json(path: Path | None, rows: list[dict[str, Any]]) -> None:
     if path is None:
         return
@@ -126,6 +143,54 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_bench)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from tilewise.train.trainer import OPTIMIZERS
+
+    # Every default is None here: unset flags take TrainConfig's default, or the resumed run's config.
+    p = sub.add_parser("train", help="train a byte-level language model; writes one run directory (last line)")
+    p.add_argument("--model", help="model size from tilewise.nn.CONFIGS (default: tiny)")
+    p.add_argument("--mixer", help="token mixer, e.g. attention or pooling (default: the model's)")
+    p.add_argument("--optim", choices=OPTIMIZERS, help="optimizer (default: adamw, torch's)")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps in the run (default: 600)")
+    p.add_argument("--batch-size", type=_positive_int, help="sequences per micro-batch (default: 16)")
+    p.add_argument("--seq-len", type=_positive_int, help="bytes per sequence (default: 128)")
+    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (default: 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 for AdamW, 3e-4 for Lion)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup, in steps (default: 30)")
+    p.add_argument("--weight-decay", type=float, help="decoupled weight decay on matrices (default: 0.1)")
+    p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables (default: 1.0)")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute block activations in the backward pass: less memory, more time",
+    )
+    p.add_argument("--eval-every", type=_positive_int, help="steps between validation passes (default: 100)")
+    p.add_argument("--save-every", type=_positive_int, help="steps between checkpoints (default: 200)")
+    p.add_argument("--keep-last", type=_positive_int, help="checkpoints kept (default: 2)")
+    p.add_argument("--seed", type=int, help="seed for initialization and batches (default: 0)")
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--data", help="a text file or folder to train on (default: pydoc topics + stdlib sources)")
+    p.add_argument("--max-bytes", type=_positive_int, help="cap on the corpus size, in bytes (default: 8,000,000)")
+    p.add_argument("--out", help="run directory (default: runs/<model>-<date>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+    p.add_argument("--stop-after", type=_positive_int, help="stop this invocation after this many steps (resumable)")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _plan(argv: Sequence[str]) -> int:
+    from tilewise.memory import plan_main
+
+    return plan_main(list(argv))
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    # listed here for `tilewise --help`; main() hands `plan ...` to the planner, which parses its own flags
+    sub.add_parser(
+        "plan", help="predict the training memory of a model and recipe without allocating (`tilewise plan --help`)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``tilewise`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
@@ -134,7 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tilewise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    adders: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_env, _add_demo, _add_bench)
+    adders: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+        _add_env,
+        _add_demo,
+        _add_bench,
+        _add_train,
+        _add_plan,
+    )
     for add in adders:
         add(sub)
     return parser
@@ -146,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     A ``ValueError`` from the library (a bad codebook name, an unknown suite, ...) is reported as a usage error
     (exit status 2) without a traceback.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        return _plan(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
