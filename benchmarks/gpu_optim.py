@@ -18,6 +18,7 @@ import sys
 import torch
 import triton
 
+import tilewise.ops.optim_step.triton as T
 from tilewise.ops.optim_step.reference import adam_step_ref, init_state
 from tilewise.ops.optim_step.triton import adam_step_triton
 
@@ -54,8 +55,18 @@ def check(n: int) -> bool:
                         good = agree >= 0.999 or e.numel() < 1000
                     else:
                         # relative error with a 1e-9 floor: moments that nearly cancel differ by ulps of the inputs
-                        rel = ((a.float() - e.float()).abs() / (e.float().abs() + 1e-9 / 1e-5)).max().item()
-                        good, agree = rel <= (1e-5 if e.dtype == torch.float32 else 2**-7), rel
+                        rel = (a.float() - e.float()).abs() / (e.float().abs() + 1e-9 / 1e-5)
+                        tol = 1e-5 if e.dtype == torch.float32 else 2**-7
+                        if key.endswith("_scales"):
+                            # a code that flipped at an earlier step (allowed on 0.1% of elements) changes that
+                            # element's next moment by one code gap, and the block's absmax with it when it is the
+                            # largest: so all but 0.1% of blocks (at least one) within tol, and every block within
+                            # the widest relative gap below 1 of the 8-bit maps (fp8 e4m3: 3 mantissa bits, 1/8)
+                            outside = int((rel > tol).sum())
+                            good = outside <= max(1, rel.numel() // 1000) and rel.max().item() <= 0.125
+                            agree = (outside, rel.max().item())
+                        else:
+                            good, agree = rel.max().item() <= tol, rel.max().item()
                     if not good:
                         ok = False
                         print(f"FAIL {fmt} {dtype} state {i} {key}: {agree}")
@@ -63,24 +74,36 @@ def check(n: int) -> bool:
     return ok
 
 
-def time_step(count: int, numel: int, copy_gbps: float) -> None:
-    print(f"{'format':6} {'dtype':9} {'ms':>8} {'B/param':>8} {'GB/s':>7} {'% copy':>7}")
+def time_step(count: int, numel: int, copy_gbps: float, formats: list[str], variants: list[str]) -> None:
+    """One line per (param dtype, format, variant); a variant ``TILE:WARPS`` sets the kernel's tile (elements per
+    program) and warps for that format (the module's ``_TILE_WARPS``) for that line: a sweep, to pick the defaults."""
+    print(f"{'format':6} {'dtype':9} {'variant':>9} {'ms':>8} {'B/param':>8} {'GB/s':>7} {'% copy':>7}")
+    default = dict(T._TILE_WARPS)
     for dtype in (torch.float32, torch.bfloat16):
         params = [torch.randn(numel, device="cuda").to(dtype) for _ in range(count)]
         grads = [torch.randn_like(p) for p in params]
-        for fmt in FORMATS[:4]:
+        for fmt in formats:
             states = [init_state(p, "adam", fmt) for p in params]
-            ms = triton.testing.do_bench(
-                lambda p=params, g=grads, s=states, f=fmt: adam_step_triton(p, g, s, **HYPER, state_format=f)
-            )
-            size = torch.finfo(dtype).bits // 8
-            floor = count * numel * (3 * size + 2 * STATE_BPP[fmt])
-            gbps = floor / ms / 1e6
-            print(
-                f"{fmt:6} {str(dtype)[6:]:9} {ms:8.3f} {STATE_BPP[fmt]:8.3f} {gbps:7.0f} {100 * gbps / copy_gbps:6.1f}%"
-            )
+            for variant in variants:
+                T._TILE_WARPS.clear()
+                T._TILE_WARPS.update(default)
+                if variant != "default":
+                    T._TILE_WARPS[fmt] = tuple(int(v) for v in variant.split(":"))
+                ms = triton.testing.do_bench(
+                    lambda p=params, g=grads, s=states, f=fmt: adam_step_triton(p, g, s, **HYPER, state_format=f)
+                )
+                size = torch.finfo(dtype).bits // 8
+                floor = count * numel * (3 * size + 2 * STATE_BPP[fmt])
+                gbps = floor / ms / 1e6
+                print(
+                    f"{fmt:6} {str(dtype)[6:]:9} {variant:>9} {ms:8.3f} {STATE_BPP[fmt]:8.3f} {gbps:7.0f} "
+                    f"{100 * gbps / copy_gbps:6.1f}%",
+                    flush=True,
+                )
             del states
             torch.cuda.empty_cache()
+    T._TILE_WARPS.clear()
+    T._TILE_WARPS.update(default)
 
 
 def main() -> int:
@@ -88,15 +111,20 @@ def main() -> int:
     parser.add_argument("--check-size", type=int, default=1 << 20, help="elements per format in the check")
     parser.add_argument("--count", type=int, default=64, help="parameter tensors in the timed step")
     parser.add_argument("--numel", type=int, default=1 << 24, help="elements per parameter tensor")
+    parser.add_argument("--formats", default="fp32,bf16,q8,q4", help="state formats to time, comma-separated")
+    parser.add_argument(
+        "--variants", default="default", help="kernel tile:warps variants to time, e.g. default,4096:8,2048:4"
+    )
+    parser.add_argument("--no-check", action="store_true", help="skip the check against the reference")
     args = parser.parse_args()
-    ok = check(args.check_size)
+    ok = True if args.no_check else check(args.check_size)
     src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy_gbps = 2 * src.numel() / triton.testing.do_bench(lambda: dst.copy_(src)) / 1e6
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s, triton {triton.__version__}")
     src = dst = None
     torch.cuda.empty_cache()
-    time_step(args.count, args.numel, copy_gbps)
+    time_step(args.count, args.numel, copy_gbps, args.formats.split(","), args.variants.split(","))
     return 0 if ok else 1
 
 

@@ -17,17 +17,18 @@ blockquant rule, reusing its cell-table code search (``_cell_codes``), so codes 
 fp32 values agree. Full tiles run the body with a constant length (masks known true: 16-byte vector loads and
 stores); a tensor's last, partial tile runs it with the loaded length.
 
-``step``: programs of one tensor all read the old ``step`` and use ``step + 1`` for the bias corrections; a second
-tiny launch (``_bump_kernel``, one program) then adds 1 to each ``step`` (and, under ``skip_nonfinite``, adds 1 to
-``skips`` instead for a skipped tensor and clears its flag). With ``skip_nonfinite`` a pre-pass (``_finite_kernel``)
-counts each tensor's non-finite gradient elements into ``bad int32 [T]``; the step kernel masks every load and store
-of a tensor whose count is not 0. Nothing syncs with the host, ``lr`` may be a device tensor, and after the first
-call per list nothing is allocated: the launches can be captured in a CUDA graph (stochastic rounding then replays
-the captured seed).
+``step``: a tiny launch before the step (``_scalar_kernel``) reads each tensor's old ``step`` and writes its scalars for
+this step (``lr``, the decay factor, the bias corrections for ``step + 1``) into ``sc float32 [T, NSC]``, which the tile
+programs load; a second tiny launch after it (``_bump_kernel``) adds 1 to each ``step`` (and, under ``skip_nonfinite``,
+adds 1 to ``skips`` instead for a skipped tensor and clears its flag). With ``skip_nonfinite`` a pre-pass
+(``_finite_kernel``) counts each tensor's non-finite gradient elements into ``bad int32 [T]``; the step kernel masks
+every load and store of a tensor whose count is not 0. Nothing syncs with the host, ``lr`` may be a device tensor, and
+after the first call per list nothing is allocated: the launches can be captured in a CUDA graph (stochastic rounding
+then replays the captured seed).
 
 Scalars the reference computes in float64 (``1 - beta**step``, ``lr / bc1``, ``1 - lr * wd``) are computed in
-float64 in the kernel: each float64 host scalar is passed as an fp32 pair ``hi + lo`` (exact to ~2**-48) and
-``beta**step`` by repeated squaring.
+float64 in ``_scalar_kernel``: each float64 host scalar is passed as an fp32 pair ``hi + lo`` (exact to ~2**-48)
+and ``beta**step`` by repeated squaring.
 """
 
 from __future__ import annotations
@@ -61,10 +62,20 @@ __all__ = ["adam_step_triton", "lion_step_triton", "sgd_step_triton"]
 # Slots of the per-tensor address table (constexpr: the kernels read them; the host indexes lists with them).
 _P, _G, _M, _MS, _V, _VS, _X, _XS, _W, _STEP, _SKIPS, _N = (tl.constexpr(i) for i in range(12))
 _NS = tl.constexpr(12)
+# Columns of the per-tensor scalar table that _scalar_kernel writes each step.
+_SC_LR, _SC_DECAY, _SC_STEP_SIZE, _SC_BC2_SQRT, _SC_FIRST = (tl.constexpr(i) for i in range(5))
+_NSC = tl.constexpr(8)
 # Which update OPT selects.
 _ADAM, _LION, _SGD = 0, 1, 2
-# Elements per program; whole quantization blocks. 8 warps: 8 elements a thread per live tile.
+# Elements per program (whole quantization blocks) and warps: 8 elements a thread. The quantized formats take
+# smaller programs (fewer warps to wait at the per-tile absmax reduction); tile sweep on an H100 in BENCHMARKS.md.
 _TILE, _WARPS = 2048, 8
+_TILE_WARPS: dict[str, tuple[int, int]] = {"q8": (1024, 4), "q4": (1024, 4), "fp8": (1024, 4)}
+
+
+def _tiling(fmt: str) -> tuple[int, int]:
+    """``(elements per program, warps)`` of the step kernel for state format ``fmt``."""
+    return _TILE_WARPS.get(fmt, (_TILE, _WARPS))
 
 
 @triton.jit
@@ -78,12 +89,6 @@ def _ptr(tab_t, SLOT: tl.constexpr, TY: tl.constexpr, ALIGNED: tl.constexpr):
     if ALIGNED:
         b_o = b_o * 16
     return (tab_t.to(tl.pointer_type(tl.uint8), bitcast=True) + b_o).to(tl.pointer_type(TY), bitcast=True)
-
-
-@triton.jit
-def _raw_ptr(tab_t, SLOT: tl.constexpr, TY: tl.constexpr):
-    """The address in slot ``SLOT`` (a raw ``int64``: ``step`` and ``skips``) as a ``TY*`` pointer."""
-    return tl.load(tab_t + SLOT).to(tl.pointer_type(TY))
 
 
 @triton.jit
@@ -215,14 +220,14 @@ def _store_param(tab_t, b_w, i_t, i_b, o_x, m_x, p0, seed, TILE: tl.constexpr, M
 
 @triton.jit
 def _tile_update(
-    tab_t, i_t, i_b, n_left, lr_ptr, p0, g0, cm_ptr, lutm_ptr, thrm_ptr, midm_ptr, cv_ptr, lutv_ptr, thrv_ptr,
-    midv_ptr, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1_lo, b2_hi, b2_lo, w1, beta2, w2, eps, wd, seed, KM, KV,
+    tab_t, i_t, i_b, n_left, sc_t, p0, g0, cm_ptr, lutm_ptr, thrm_ptr, midm_ptr, cv_ptr, lutv_ptr, thrv_ptr,
+    midv_ptr, w1, beta2, w2, eps, wd, seed, KM, KV,
     OPT: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr,
     SM: tl.constexpr, GM: tl.constexpr, MM: tl.constexpr, E0M: tl.constexpr, NTM: tl.constexpr, RM: tl.constexpr,
     SV: tl.constexpr, GV: tl.constexpr, MV: tl.constexpr, E0V: tl.constexpr, NTV: tl.constexpr, RV: tl.constexpr,
-    HAS_M: tl.constexpr, LR_TENSOR: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, NESTEROV: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_M: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    NESTEROV: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """The update of tile ``i_b`` of tensor ``i_t`` (its table row ``tab_t``), whose first ``n_left`` elements
     exist; see :func:`_step_kernel`.
@@ -236,13 +241,8 @@ def _tile_update(
     m_r = o_r * BS < n_left
     # packed 4-bit codes: byte j of a row holds elements 2j, 2j + 1
     m_p = 2 * (o_r[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]) < n_left
-    # scalars: the old step (every program of the tensor reads it; _bump_kernel adds 1 after this launch)
-    step = tl.load(_raw_ptr(tab_t, _STEP, tl.float32))
-    if LR_TENSOR:
-        lr64 = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr64 = _f64(lr_hi, lr_lo)
-    lr = lr64.to(tl.float32)
+    # the tensor's scalars, computed once per tensor by _scalar_kernel (see there)
+    lr = tl.load(sc_t + _SC_LR)
 
     b_g = tl.load(_ptr(tab_t, _G, g0.dtype.element_ty, ALIGNED) + i_b * TILE + o_x, mask=m_x, other=0.0)
     b_g = b_g.to(tl.float32)
@@ -257,17 +257,15 @@ def _tile_update(
         b_m = _load_state(tab_t, _M, cm_ptr, KM, i_b, o_r, o_x, m_x, m_r, m_p, FMT, BITS, BS, ROWS, ALIGNED, INTERPRET)
     if OPT == 0 or OPT == 1:
         if DECOUPLED:
-            b_w = b_w * (1.0 - lr64 * _f64(wd_hi, wd_lo)).to(tl.float32)
+            b_w = b_w * tl.load(sc_t + _SC_DECAY)
         else:
             b_g = tl.fma(b_w, wd, b_g)
     if OPT == 0:
         b_v = _load_state(tab_t, _V, cv_ptr, KV, i_b, o_r, o_x, m_x, m_r, m_p, FMT, BITS, BS, ROWS, ALIGNED, INTERPRET)
         b_m = _lerp(b_m, b_g, w1)
         b_v = b_v * beta2 + w2 * b_g * b_g
-        n = (step + 1.0).to(tl.int32)
-        bc1 = 1.0 - _pow64(_f64(b1_hi, b1_lo), n)
-        bc2_sqrt = tl.sqrt(1.0 - _pow64(_f64(b2_hi, b2_lo), n)).to(tl.float32)
-        neg_step_size = (-lr64 / bc1).to(tl.float32)
+        neg_step_size = tl.load(sc_t + _SC_STEP_SIZE)
+        bc2_sqrt = tl.load(sc_t + _SC_BC2_SQRT)
         b_vh = b_v
         if AMSGRAD:
             b_x = _load_state(
@@ -288,7 +286,7 @@ def _tile_update(
     else:
         b_g = tl.fma(b_w, wd, b_g)
         if HAS_M:
-            b_m = tl.where(step == 0, b_g, tl.fma(b_g, w2, b_m * beta2))
+            b_m = tl.where(tl.load(sc_t + _SC_FIRST) != 0, b_g, tl.fma(b_g, w2, b_m * beta2))
             if NESTEROV:
                 b_g = tl.fma(b_m, beta2, b_g)
             else:
@@ -304,20 +302,20 @@ def _tile_update(
 # variant for seeds divisible by 16 and another for the rest (seen on an H100: a second 2.4 s compile at step 1)
 @triton.jit(do_not_specialize=["seed"])
 def _step_kernel(
-    tab, tiles, bad_ptr, lr_ptr, p0, g0, cm_ptr, lutm_ptr, thrm_ptr, midm_ptr, cv_ptr, lutv_ptr, thrv_ptr, midv_ptr,
-    lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1_lo, b2_hi, b2_lo, w1, beta2, w2, eps, wd, seed, KM, KV,
+    tab, tiles, bad_ptr, sc_ptr, p0, g0, cm_ptr, lutm_ptr, thrm_ptr, midm_ptr, cv_ptr, lutv_ptr, thrv_ptr, midv_ptr,
+    w1, beta2, w2, eps, wd, seed, KM, KV,
     OPT: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr,
     SM: tl.constexpr, GM: tl.constexpr, MM: tl.constexpr, E0M: tl.constexpr, NTM: tl.constexpr, RM: tl.constexpr,
     SV: tl.constexpr, GV: tl.constexpr, MV: tl.constexpr, E0V: tl.constexpr, NTV: tl.constexpr, RV: tl.constexpr,
-    HAS_M: tl.constexpr, LR_TENSOR: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, NESTEROV: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
-    SKIP: tl.constexpr, ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_M: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    NESTEROV: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, SKIP: tl.constexpr,
+    ALIGNED: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """One tile ``[ROWS, BS]`` of one tensor: Adam (``OPT`` 0), Lion (1) or SGD (2) in place.
 
     Scalars: Adam ``w1 = 1 - beta1`` (lerp weight of m), ``beta2``, ``w2 = 1 - beta2``; Lion ``w1 = 1 - beta1``
-    (of the update), ``w2 = 1 - beta2`` (of m); SGD ``beta2 = momentum``, ``w2 = 1 - dampening``. ``lr``, ``wd``,
-    ``beta1``, ``beta2`` also come as float64 pairs (``*_hi``, ``*_lo``) for the float64 scalars.
+    (of the update), ``w2 = 1 - beta2`` (of m); SGD ``beta2 = momentum``, ``w2 = 1 - dampening``. The per-tensor
+    scalars (``lr``, the decay factor, Adam's bias corrections) are row ``i_t`` of ``sc_ptr`` (``_scalar_kernel``).
 
     A full tile takes the body with ``n_left = TILE`` as a constant: its masks are then known all-true in runs of
     16, so the loads and stores vectorize (a mask against a loaded length would cut them to one element).
@@ -327,25 +325,53 @@ def _step_kernel(
     i_t = tl.load(tiles + 2 * i_p).to(tl.int64)
     i_b = tl.load(tiles + 2 * i_p + 1).to(tl.int64)
     tab_t = tab + i_t * _NS
+    sc_t = sc_ptr + i_t * _NSC
     n_left = tl.minimum(tl.load(tab_t + _N) - i_b * TILE, TILE).to(tl.int32)
     if SKIP:  # a tensor with a non-finite gradient: no element in range, so every load and store is masked off
         n_left = tl.where(tl.load(bad_ptr + i_t) == 0, n_left, 0)
     if n_left == TILE:
         _tile_update(
-            tab_t, i_t, i_b, TILE, lr_ptr, p0, g0, cm_ptr, lutm_ptr, thrm_ptr, midm_ptr, cv_ptr, lutv_ptr, thrv_ptr,
-            midv_ptr, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1_lo, b2_hi, b2_lo, w1, beta2, w2, eps, wd, seed, KM, KV,
-            OPT, FMT, BITS, BS, ROWS, SM, GM, MM, E0M, NTM, RM, SV, GV, MV, E0V, NTV, RV, HAS_M, LR_TENSOR,
-            DECOUPLED, AMSGRAD, MAXIMIZE, NESTEROV, MASTER, STOCHASTIC, ALIGNED, INTERPRET,
+            tab_t, i_t, i_b, TILE, sc_t, p0, g0, cm_ptr, lutm_ptr, thrm_ptr, midm_ptr, cv_ptr, lutv_ptr, thrv_ptr,
+            midv_ptr, w1, beta2, w2, eps, wd, seed, KM, KV, OPT, FMT, BITS, BS, ROWS, SM, GM, MM, E0M, NTM, RM, SV,
+            GV, MV, E0V, NTV, RV, HAS_M, DECOUPLED, AMSGRAD, MAXIMIZE, NESTEROV, MASTER, STOCHASTIC, ALIGNED,
+            INTERPRET,
         )  # fmt: skip
         # keeps LLVM from merging this branch's last (vector) stores with the other's (scalar) ones
         tl.debug_barrier()
     else:
         _tile_update(
-            tab_t, i_t, i_b, n_left, lr_ptr, p0, g0, cm_ptr, lutm_ptr, thrm_ptr, midm_ptr, cv_ptr, lutv_ptr,
-            thrv_ptr, midv_ptr, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1_lo, b2_hi, b2_lo, w1, beta2, w2, eps, wd,
-            seed, KM, KV, OPT, FMT, BITS, BS, ROWS, SM, GM, MM, E0M, NTM, RM, SV, GV, MV, E0V, NTV, RV, HAS_M,
-            LR_TENSOR, DECOUPLED, AMSGRAD, MAXIMIZE, NESTEROV, MASTER, STOCHASTIC, ALIGNED, INTERPRET,
+            tab_t, i_t, i_b, n_left, sc_t, p0, g0, cm_ptr, lutm_ptr, thrm_ptr, midm_ptr, cv_ptr, lutv_ptr, thrv_ptr,
+            midv_ptr, w1, beta2, w2, eps, wd, seed, KM, KV, OPT, FMT, BITS, BS, ROWS, SM, GM, MM, E0M, NTM, RM, SV,
+            GV, MV, E0V, NTV, RV, HAS_M, DECOUPLED, AMSGRAD, MAXIMIZE, NESTEROV, MASTER, STOCHASTIC, ALIGNED,
+            INTERPRET,
         )  # fmt: skip
+
+
+@triton.jit
+def _scalar_kernel(tab, sc_ptr, lr_ptr, T, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1_lo, b2_hi, b2_lo,
+                   BT: tl.constexpr, LR_TENSOR: tl.constexpr):  # fmt: skip
+    """Each tensor's scalars for this step, ``BT`` tensors per program, into row ``t`` of ``sc float32 [T, NSC]``:
+    ``lr``, the decoupled decay factor ``1 - lr * wd``, Adam's ``-lr / (1 - beta1**n)`` and
+    ``sqrt(1 - beta2**n)`` for ``n = step + 1`` (float64, as the reference, then rounded to fp32), and whether
+    ``step == 0`` (SGD's first momentum). Once per tensor here, rather than in every thread of every tile program:
+    the float64 powers are ~200 scalar instructions that the step kernel would otherwise repeat per program."""
+    o_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    p_step = tl.load(tab + o_t.to(tl.int64) * _NS + _STEP, mask=m_t, other=0).to(tl.pointer_type(tl.float32))
+    step = tl.load(p_step, mask=m_t, other=0.0)
+    if LR_TENSOR:
+        lr64 = tl.load(lr_ptr + o_t * 0).to(tl.float64)
+    else:
+        lr64 = _f64(lr_hi, lr_lo) + tl.zeros((BT,), tl.float64)
+    n = (step + 1.0).to(tl.int32)
+    bc1 = 1.0 - _pow64(_f64(b1_hi, b1_lo) + tl.zeros((BT,), tl.float64), n)
+    bc2_sqrt = tl.sqrt(1.0 - _pow64(_f64(b2_hi, b2_lo) + tl.zeros((BT,), tl.float64), n))
+    p_sc = sc_ptr + o_t * _NSC
+    tl.store(p_sc + _SC_LR, lr64.to(tl.float32), mask=m_t)
+    tl.store(p_sc + _SC_DECAY, (1.0 - lr64 * _f64(wd_hi, wd_lo)).to(tl.float32), mask=m_t)
+    tl.store(p_sc + _SC_STEP_SIZE, (-lr64 / bc1).to(tl.float32), mask=m_t)
+    tl.store(p_sc + _SC_BC2_SQRT, bc2_sqrt.to(tl.float32), mask=m_t)
+    tl.store(p_sc + _SC_FIRST, (step == 0).to(tl.float32), mask=m_t)
 
 
 @triton.jit
@@ -384,11 +410,13 @@ def _bump_kernel(tab, bad_ptr, T, k0, BT: tl.constexpr, SKIP: tl.constexpr):
 
 @dataclasses.dataclass(frozen=True)
 class _Launch:
-    """The cached device tables of one list: ``tab int64 [T, NS]``, ``tiles int32 [P, 2]``, ``bad int32 [T]``."""
+    """The cached device tables of one list: ``tab int64 [T, NS]``, ``tiles int32 [P, 2]``, ``bad int32 [T]``,
+    ``sc float32 [T, NSC]`` (the step's per-tensor scalars)."""
 
     tab: torch.Tensor
     tiles: torch.Tensor
     bad: torch.Tensor
+    sc: torch.Tensor
     aligned: bool
 
 
@@ -420,11 +448,11 @@ def _check(row: list, i: int, device: torch.device) -> None:
         raise ValueError(f"states[{i}]['step'] must be a float32 scalar tensor, got {row[_STEP].dtype}")
 
 
-def _launch(rows: list[list], numels: list[int], block: int, device: torch.device) -> _Launch:
+def _launch(rows: list[list], numels: list[int], tile: int, device: torch.device) -> _Launch:
     """The address and tile tables of ``rows`` (cached by addresses and sizes)."""
     key = (
         str(device),
-        block,
+        tile,
         *((*(0 if t is None else t.data_ptr() for t in r), n) for r, n in zip(rows, numels, strict=True)),
     )
     hit = _LAUNCHES.get(key)
@@ -443,13 +471,14 @@ def _launch(rows: list[list], numels: list[int], block: int, device: torch.devic
         table.append([*offsets, *r[_STEP:], n])
     tab.copy_(torch.tensor(table, dtype=torch.int64))
     # (tensor, tile) per program, built without a Python loop over tiles (1 B parameters: 512 K programs)
-    counts = (torch.tensor(numels, dtype=torch.int64) + _TILE - 1) // _TILE
+    counts = (torch.tensor(numels, dtype=torch.int64) + tile - 1) // tile
     tensor_of = torch.repeat_interleave(torch.arange(len(rows)), counts)
     tile_of = torch.arange(tensor_of.numel()) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     launch = _Launch(
         tab=tab,
         tiles=torch.stack([tensor_of, tile_of], dim=1).to(device=device, dtype=torch.int32),
         bad=torch.zeros(len(rows), dtype=torch.int32, device=device),
+        sc=torch.zeros((len(rows), _NSC.value), dtype=torch.float32, device=device),
         aligned=aligned,
     )
     _LAUNCHES[key] = launch
@@ -465,9 +494,9 @@ def _split(x: float) -> tuple[float, float]:
 
 
 def _plans(fmt: str, kind: int, device: torch.device) -> tuple:
-    """``(m plan, v plan, bits, block)`` for a quantized format (else Nones, 0 bits, the fp tile)."""
+    """``(m plan, v plan, bits, block)`` for a quantized format (else Nones, 0 bits, the tile)."""
     if fmt not in QUANT_FORMATS:
-        return None, None, 0, _TILE
+        return None, None, 0, _tiling(fmt)[0]
     signed, unsigned, block, bits = QUANT_FORMATS[fmt]
     pm = _plan(_codebook_table(signed), bits, device)
     pv = _plan(_codebook_table(unsigned), bits, device) if kind == _ADAM else pm
@@ -484,6 +513,7 @@ def _run(
         return
     device = params[0].device
     pm, pv, bits, block = _plans(fmt, kind, device)
+    tile, warps = _tiling(fmt)
     groups: dict[tuple, list[int]] = {}
     for i, (p, g, st) in enumerate(zip(params, grads, states, strict=True)):
         groups.setdefault((p.dtype, g.dtype, "master" in st), []).append(i)
@@ -497,30 +527,33 @@ def _run(
         rows = [_slots(params[i], grads[i], states[i], names, fmt) for i in idx]
         for i, r in zip(idx, rows, strict=True):
             _check(r, i, device)
-        launch = _launch(rows, [params[i].numel() for i in idx], block, device)
+        launch = _launch(rows, [params[i].numel() for i in idx], tile, device)
         p0, g0 = params[idx[0]], grads[idx[0]]
         k0 = rows[0][_SKIPS] if rows[0][_SKIPS] is not None else rows[0][_STEP]
         n_tiles = launch.tiles.shape[0]
         skip = flags["SKIP"]
         with _on(device):
             if skip and n_tiles:
-                _finite_kernel[(n_tiles,)](launch.tab, launch.tiles, launch.bad, g0, TILE=_TILE, ALIGNED=launch.aligned)
+                _finite_kernel[(n_tiles,)](launch.tab, launch.tiles, launch.bad, g0, TILE=tile, ALIGNED=launch.aligned)
             if n_tiles:
+                _scalar_kernel[(triton.cdiv(len(idx), 128),)](
+                    launch.tab, launch.sc, lr_t if lr_t is not None else launch.sc, len(idx), lr_hi, lr_lo,
+                    *sc["wd64"], *sc["b1_64"], *sc["b2_64"], BT=128, LR_TENSOR=lr_t is not None,
+                )  # fmt: skip
                 cm = (pm.code, pm.lut, pm.thr, pm.mid) if pm else (p0,) * 4
                 cv = (pv.code, pv.lut, pv.thr, pv.mid) if pv else (p0,) * 4
                 qm = (pm.search, pm.g, pm.m, pm.e0, pm.nt, pm.r) if pm else (0, 0, 0, 0, 2, 1)
                 qv = (pv.search, pv.g, pv.m, pv.e0, pv.nt, pv.r) if pv else (0, 0, 0, 0, 2, 1)
                 _step_kernel[(n_tiles,)](
-                    launch.tab, launch.tiles, launch.bad, lr_t if lr_t is not None else launch.bad, p0, g0, *cm, *cv,
-                    lr_hi, lr_lo, *sc["wd64"], *sc["b1_64"], *sc["b2_64"], sc["w1"], sc["beta2"], sc["w2"], sc["eps"],
-                    sc["wd"], seed, pm.code.numel() if pm else 0, pv.code.numel() if pv else 0,
-                    OPT=kind, FMT=2 if pm else (0 if fmt == "fp32" else 1), BITS=bits, BS=block, ROWS=_TILE // block,
+                    launch.tab, launch.tiles, launch.bad, launch.sc, p0, g0, *cm, *cv, sc["w1"], sc["beta2"], sc["w2"],
+                    sc["eps"], sc["wd"], seed, pm.code.numel() if pm else 0, pv.code.numel() if pv else 0,
+                    OPT=kind, FMT=2 if pm else (0 if fmt == "fp32" else 1), BITS=bits, BS=block, ROWS=tile // block,
                     SM=qm[0], GM=qm[1], MM=qm[2], E0M=qm[3], NTM=qm[4], RM=qm[5],
                     SV=qv[0], GV=qv[1], MV=qv[2], E0V=qv[3], NTV=qv[4], RV=qv[5],
-                    LR_TENSOR=lr_t is not None, MASTER=master, SKIP=skip, ALIGNED=launch.aligned,
+                    MASTER=master, SKIP=skip, ALIGNED=launch.aligned,
                     INTERPRET=_INTERPRET, HAS_M=bool(names), DECOUPLED=flags["DECOUPLED"], AMSGRAD=flags["AMSGRAD"],
                     MAXIMIZE=flags["MAXIMIZE"], NESTEROV=flags["NESTEROV"], STOCHASTIC=flags["STOCHASTIC"],
-                    num_warps=_WARPS,
+                    num_warps=warps,
                 )  # fmt: skip
             _bump_kernel[(triton.cdiv(len(idx), 1024),)](launch.tab, launch.bad, len(idx), k0, BT=1024, SKIP=skip)
 
