@@ -38,6 +38,9 @@ def _grads(n: int, steps: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
     [(True, False, False, False), (True, True, False, True), (False, False, True, False), (False, True, True, True)],
 )
 def test_adam_fp32_matches_torch(decoupled: bool, amsgrad: bool, maximize: bool, tensor_lr: bool) -> None:
+    """100 steps bit for bit equal to torch.optim's (CPU, single-tensor path). A tensor lr matters: torch computes
+    ``1 - lr * wd`` and ``lr / bc1`` as fp32 tensor ops then, not in float64 (before that was mirrored, the
+    parameters drifted ~5e-7 relative in 100 steps)."""
     p0 = torch.randn(37, 5)
     ref = p0.clone().requires_grad_()
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
@@ -51,8 +54,8 @@ def test_adam_fp32_matches_torch(decoupled: bool, amsgrad: bool, maximize: bool,
             [p], [g], [st], lr=lr, weight_decay=0.1, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
             state_format="fp32", **ADAM,
         )  # fmt: skip
-    assert_close(p, ref.detach())
-    assert_close(st["exp_avg_sq"], opt.state[ref]["exp_avg_sq"])
+    assert_exact(p, ref.detach())
+    assert_exact(st["exp_avg_sq"], opt.state[ref]["exp_avg_sq"])
     assert float(st["step"]) == 100
 
 

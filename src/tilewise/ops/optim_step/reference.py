@@ -10,7 +10,6 @@ The state layout (names, dtypes, sizes, codebooks) is defined here once: :data:`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -185,6 +184,16 @@ def _skip(grad: torch.Tensor, state: dict[str, torch.Tensor], skip_nonfinite: bo
     return False
 
 
+def _lr_terms(lr: float | torch.Tensor, weight_decay: float, bias_correction1: float = 1.0) -> tuple[float, float]:
+    """``(1 - lr * weight_decay, lr / bias_correction1)`` computed as ``torch.optim.AdamW`` computes them: in float64
+    for a Python ``lr``; for a tensor ``lr``, as tensor ops in ``lr``'s dtype on ``lr``'s device (fp32: each float
+    operand rounded to fp32 first, every op rounded to fp32; on CUDA the division is ``lr * (1 / bc1)``)."""
+    if not isinstance(lr, torch.Tensor):
+        return 1 - lr * weight_decay, lr / bias_correction1
+    lr = lr.detach().reshape(())
+    return float(1 - lr * weight_decay), float(lr / bias_correction1)
+
+
 def _check_lists(params: Sequence, grads: Sequence, states: Sequence) -> None:
     if not len(params) == len(grads) == len(states):
         raise ValueError(
@@ -213,30 +222,30 @@ def adam_step_ref(
 ) -> None:
     """One Adam (``decoupled=False``) or AdamW step per parameter, in the op order of ``torch.optim.AdamW``."""
     _check_lists(params, grads, states)
-    lr = float(lr)
     for i, (p, grad, st) in enumerate(zip(params, grads, states, strict=True)):
         g = -grad.float() if maximize else grad.float()
         if _skip(g, st, skip_nonfinite):
             continue
         w = _read_param(p, st)
         m, v = _load(st, "exp_avg", state_format, w), _load(st, "exp_avg_sq", state_format, w)
+        step = float(st["step"]) + 1
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5  # pow, as torch.optim: differs from math.sqrt in the last bit
+        decay, step_size = _lr_terms(lr, weight_decay, bias_correction1)
         if weight_decay != 0:
             if decoupled:
-                w.mul_(1 - lr * weight_decay)
+                w.mul_(decay)
             else:
                 g = g.add(w, alpha=weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         st["step"] += 1
-        step = float(st["step"])
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         v_hat = v
         if amsgrad:
             v_hat = torch.maximum(_load(st, "max_exp_avg_sq", state_format, w), v)
             _store(st, "max_exp_avg_sq", state_format, v_hat)
         denom = (v_hat.sqrt() / bias_correction2_sqrt).add_(eps)
-        w.addcdiv_(m, denom, value=-lr / bias_correction1)
+        w.addcdiv_(m, denom, value=-step_size)
         _store(st, "exp_avg", state_format, m)
         _store(st, "exp_avg_sq", state_format, v)
         _write_param(p, w, st, stochastic_round, _generator(seed, i, p.device))
@@ -260,7 +269,7 @@ def lion_step_ref(
     """One Lion step per parameter: ``p = p (1 - lr wd) - lr sign(lerp(m, g, 1 - beta1))``, then
     ``m = lerp(m, g, 1 - beta2)``."""
     _check_lists(params, grads, states)
-    lr = float(lr)
+    decay, lr = _lr_terms(lr, weight_decay)
     for i, (p, grad, st) in enumerate(zip(params, grads, states, strict=True)):
         g = -grad.float() if maximize else grad.float()
         if _skip(g, st, skip_nonfinite):
@@ -268,7 +277,7 @@ def lion_step_ref(
         w = _read_param(p, st)
         m = _load(st, "exp_avg", state_format, w)
         if weight_decay != 0:
-            w.mul_(1 - lr * weight_decay)
+            w.mul_(decay)
         w.add_(torch.lerp(m, g, 1 - beta1).sign_(), alpha=-lr)
         m.lerp_(g, 1 - beta2)
         st["step"] += 1
