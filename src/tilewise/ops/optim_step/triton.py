@@ -63,19 +63,20 @@ __all__ = ["adam_step_triton", "lion_step_triton", "sgd_step_triton"]
 _P, _G, _M, _MS, _V, _VS, _X, _XS, _W, _STEP, _SKIPS, _N = (tl.constexpr(i) for i in range(12))
 _NS = tl.constexpr(12)
 # Columns of the per-tensor scalar table that _scalar_kernel writes each step.
-_SC_LR, _SC_DECAY, _SC_STEP_SIZE, _SC_BC2_SQRT, _SC_FIRST = (tl.constexpr(i) for i in range(5))
+_SC_LR, _SC_DECAY, _SC_STEP_SIZE, _SC_BC2_SQRT, _SC_INV_BC2_SQRT, _SC_FIRST = (tl.constexpr(i) for i in range(6))
 _NSC = tl.constexpr(8)
 # Which update OPT selects.
 _ADAM, _LION, _SGD = 0, 1, 2
 # Elements per program (whole quantization blocks) and warps: 8 elements a thread. The quantized formats take
 # smaller programs (fewer warps to wait at the per-tile absmax reduction); tile sweep on an H100 in BENCHMARKS.md.
 _TILE, _WARPS = 2048, 8
-_TILE_WARPS: dict[str, tuple[int, int]] = {"q8": (1024, 4), "q4": (1024, 4), "fp8": (1024, 4)}
+_TILE_WARPS: dict[str, tuple[int, ...]] = {"q8": (512, 2), "q4": (256, 1), "fp8": (512, 2)}
 
 
-def _tiling(fmt: str) -> tuple[int, int]:
-    """``(elements per program, warps)`` of the step kernel for state format ``fmt``."""
-    return _TILE_WARPS.get(fmt, (_TILE, _WARPS))
+def _tiling(fmt: str) -> tuple[int, int, int | None]:
+    """``(elements per program, warps, register cap or None)`` of the step kernel for state format ``fmt``."""
+    tile, warps, *cap = _TILE_WARPS.get(fmt, (_TILE, _WARPS))
+    return tile, warps, cap[0] if cap else None
 
 
 @triton.jit
@@ -274,8 +275,15 @@ def _tile_update(
             b_vh = tl.maximum(b_x, b_v)
             _store_state(tab_t, _X, b_vh, lutv_ptr, thrv_ptr, midv_ptr, i_b, o_r, o_x, m_x, m_r, m_p, FMT, BITS, BS,
                          ROWS, SV, GV, MV, E0V, NTV, RV, ALIGNED, INTERPRET)  # fmt: skip
-        b_d = tl.div_rn(tl.sqrt_rn(b_vh), bc2_sqrt) + eps
-        b_w = b_w + tl.div_rn(neg_step_size * b_m, b_d)
+        if FMT == 2:
+            # quantized moments carry ~2**-8 relative error from their codes: approximate sqrt, reciprocal bias
+            # correction and division (each <= 2 ulp) change the update by ~2**-21 relative, and save ~25
+            # instructions an element (the exact forms branch to a slow path per element)
+            b_d = tl.fma(tl.sqrt(b_vh), tl.load(sc_t + _SC_INV_BC2_SQRT), eps)
+            b_w = b_w + tl.math.fdiv(neg_step_size * b_m, b_d)
+        else:  # fp32/bf16 state: IEEE sqrt and division, as torch computes them
+            b_d = tl.div_rn(tl.sqrt_rn(b_vh), bc2_sqrt) + eps
+            b_w = b_w + tl.div_rn(neg_step_size * b_m, b_d)
         _store_state(tab_t, _V, b_v, lutv_ptr, thrv_ptr, midv_ptr, i_b, o_r, o_x, m_x, m_r, m_p, FMT, BITS, BS, ROWS,
                      SV, GV, MV, E0V, NTV, RV, ALIGNED, INTERPRET)  # fmt: skip
     elif OPT == 1:
@@ -352,9 +360,9 @@ def _scalar_kernel(tab, sc_ptr, lr_ptr, T, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1
                    BT: tl.constexpr, LR_TENSOR: tl.constexpr):  # fmt: skip
     """Each tensor's scalars for this step, ``BT`` tensors per program, into row ``t`` of ``sc float32 [T, NSC]``:
     ``lr``, the decoupled decay factor ``1 - lr * wd``, Adam's ``-lr / (1 - beta1**n)`` and
-    ``sqrt(1 - beta2**n)`` for ``n = step + 1`` (float64, as the reference, then rounded to fp32), and whether
-    ``step == 0`` (SGD's first momentum). Once per tensor here, rather than in every thread of every tile program:
-    the float64 powers are ~200 scalar instructions that the step kernel would otherwise repeat per program."""
+    ``sqrt(1 - beta2**n)`` and its reciprocal for ``n = step + 1`` (float64, as the reference, then rounded to
+    fp32), and whether ``step == 0`` (SGD's first momentum). Once per tensor here, rather than in every thread of
+    every tile program: the float64 powers are ~200 scalar instructions the step kernel would repeat per program."""
     o_t = tl.program_id(0) * BT + tl.arange(0, BT)
     m_t = o_t < T
     p_step = tl.load(tab + o_t.to(tl.int64) * _NS + _STEP, mask=m_t, other=0).to(tl.pointer_type(tl.float32))
@@ -371,6 +379,7 @@ def _scalar_kernel(tab, sc_ptr, lr_ptr, T, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1
     tl.store(p_sc + _SC_DECAY, (1.0 - lr64 * _f64(wd_hi, wd_lo)).to(tl.float32), mask=m_t)
     tl.store(p_sc + _SC_STEP_SIZE, (-lr64 / bc1).to(tl.float32), mask=m_t)
     tl.store(p_sc + _SC_BC2_SQRT, bc2_sqrt.to(tl.float32), mask=m_t)
+    tl.store(p_sc + _SC_INV_BC2_SQRT, (1.0 / bc2_sqrt).to(tl.float32), mask=m_t)
     tl.store(p_sc + _SC_FIRST, (step == 0).to(tl.float32), mask=m_t)
 
 
@@ -513,7 +522,7 @@ def _run(
         return
     device = params[0].device
     pm, pv, bits, block = _plans(fmt, kind, device)
-    tile, warps = _tiling(fmt)
+    tile, warps, maxnreg = _tiling(fmt)
     groups: dict[tuple, list[int]] = {}
     for i, (p, g, st) in enumerate(zip(params, grads, states, strict=True)):
         groups.setdefault((p.dtype, g.dtype, "master" in st), []).append(i)
@@ -554,6 +563,7 @@ def _run(
                     INTERPRET=_INTERPRET, HAS_M=bool(names), DECOUPLED=flags["DECOUPLED"], AMSGRAD=flags["AMSGRAD"],
                     MAXIMIZE=flags["MAXIMIZE"], NESTEROV=flags["NESTEROV"], STOCHASTIC=flags["STOCHASTIC"],
                     num_warps=warps,
+                    **({} if maxnreg is None else {"maxnreg": maxnreg}),
                 )  # fmt: skip
             _bump_kernel[(triton.cdiv(len(idx), 1024),)](launch.tab, launch.bad, len(idx), k0, BT=1024, SKIP=skip)
 
