@@ -89,6 +89,8 @@ def time_step(count: int, numel: int, copy_gbps: float, formats: list[str], vari
                 T._TILE_WARPS.update(default)
                 if variant != "default":
                     T._TILE_WARPS[fmt] = tuple(int(v) for v in variant.split(":"))
+                    for size in (2, 4):  # the variant applies to every parameter dtype
+                        T._TILE_WARPS.pop(f"{fmt}/{size}", None)
                 ms = triton.testing.do_bench(
                     lambda p=params, g=grads, s=states, f=fmt: adam_step_triton(p, g, s, **HYPER, state_format=f)
                 )

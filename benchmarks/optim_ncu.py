@@ -27,6 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.tile:
         T._TILE_WARPS[args.fmt] = tuple(int(v) for v in args.tile.split(":"))
+        for size in (2, 4):
+            T._TILE_WARPS.pop(f"{args.fmt}/{size}", None)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     params = [torch.randn(args.numel, device="cuda").to(dtype) for _ in range(args.count)]
     grads = [torch.randn_like(p) for p in params]

@@ -67,15 +67,23 @@ _SC_LR, _SC_DECAY, _SC_STEP_SIZE, _SC_BC2_SQRT, _SC_INV_BC2_SQRT, _SC_FIRST = (t
 _NSC = tl.constexpr(8)
 # Which update OPT selects.
 _ADAM, _LION, _SGD = 0, 1, 2
-# Elements per program (whole quantization blocks) and warps: 8 elements a thread. The quantized formats take
-# smaller programs (fewer warps to wait at the per-tile absmax reduction); tile sweep on an H100 in BENCHMARKS.md.
+# Elements per program (whole quantization blocks), warps (8 elements a thread) and an optional register cap, by
+# state format, or by "format/parameter bytes" where the parameter dtype changes the best choice. The quantized
+# formats take small programs (one or two warps: few wait at each tile's reductions and barriers) capped at 56
+# registers (36 warps an SM instead of 28): from the tile sweep on an H100 (BENCHMARKS.md).
 _TILE, _WARPS = 2048, 8
-_TILE_WARPS: dict[str, tuple[int, ...]] = {"q8": (512, 2), "q4": (256, 1), "fp8": (512, 2)}
+_TILE_WARPS: dict[str, tuple[int, ...]] = {
+    "q8": (256, 1, 56),
+    "q4": (256, 1, 56),
+    "q4/2": (512, 2, 56),
+    "fp8": (512, 2, 56),
+}
 
 
-def _tiling(fmt: str) -> tuple[int, int, int | None]:
-    """``(elements per program, warps, register cap or None)`` of the step kernel for state format ``fmt``."""
-    tile, warps, *cap = _TILE_WARPS.get(fmt, (_TILE, _WARPS))
+def _tiling(fmt: str, param_bytes: int) -> tuple[int, int, int | None]:
+    """``(elements per program, warps, register cap or None)`` of the step kernel for state format ``fmt`` and
+    parameters of ``param_bytes`` bytes an element."""
+    tile, warps, *cap = _TILE_WARPS.get(f"{fmt}/{param_bytes}", _TILE_WARPS.get(fmt, (_TILE, _WARPS)))
     return tile, warps, cap[0] if cap else None
 
 
@@ -503,9 +511,9 @@ def _split(x: float) -> tuple[float, float]:
 
 
 def _plans(fmt: str, kind: int, device: torch.device) -> tuple:
-    """``(m plan, v plan, bits, block)`` for a quantized format (else Nones, 0 bits, the tile)."""
+    """``(m plan, v plan, bits, block)`` for a quantized format (else Nones, 0 bits, the fp tile)."""
     if fmt not in QUANT_FORMATS:
-        return None, None, 0, _tiling(fmt)[0]
+        return None, None, 0, _TILE
     signed, unsigned, block, bits = QUANT_FORMATS[fmt]
     pm = _plan(_codebook_table(signed), bits, device)
     pv = _plan(_codebook_table(unsigned), bits, device) if kind == _ADAM else pm
@@ -522,7 +530,6 @@ def _run(
         return
     device = params[0].device
     pm, pv, bits, block = _plans(fmt, kind, device)
-    tile, warps, maxnreg = _tiling(fmt)
     groups: dict[tuple, list[int]] = {}
     for i, (p, g, st) in enumerate(zip(params, grads, states, strict=True)):
         groups.setdefault((p.dtype, g.dtype, "master" in st), []).append(i)
@@ -532,7 +539,10 @@ def _run(
     lr_hi, lr_lo = _split(0.0 if lr_t is not None else float(lr))
     if seed is None:
         seed = random.getrandbits(31) if flags["STOCHASTIC"] else 0
-    for (_, _, master), idx in groups.items():
+    for (p_dtype, _, master), idx in groups.items():
+        tile, warps, maxnreg = _tiling(fmt, p_dtype.itemsize)
+        if pm is None:
+            block = tile  # fp32/bf16 state: a program's tile is one row
         rows = [_slots(params[i], grads[i], states[i], names, fmt) for i in idx]
         for i, r in zip(idx, rows, strict=True):
             _check(r, i, device)
