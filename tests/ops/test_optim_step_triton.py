@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tilewise._testing import assert_close, assert_exact
-from tilewise.ops.optim_step.reference import adam_step_ref, init_state, lion_step_ref, sgd_step_ref
+from tilewise.ops.optim_step.reference import _lr_terms, adam_step_ref, init_state, lion_step_ref, sgd_step_ref
 
 triton_step = pytest.importorskip("tilewise.ops.optim_step.triton")
 
@@ -187,3 +187,30 @@ def test_public_api_dispatches_and_handles_empty(device: str) -> None:
     _check_params(params, p_ref, quantized=True)
     _check_states(states, s_ref)
     assert [s["step"].item() for s in states] == [1, 1]
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_per_tensor_scalars_equal_the_reference(lr_kind: str, device: str) -> None:
+    """The step kernel's per-tensor scalars (``_scalar_kernel``: decay, step size, sqrt of the second bias
+    correction) equal the reference's bit for bit at every step, for a float and a tensor ``lr``: the step then
+    differs from the reference only in the elementwise update."""
+    p = torch.randn(300, device=device)
+    st = init_state(p, "adam", "fp32")
+    lr = 3e-3 if lr_kind == "float" else torch.tensor(3e-3, device=device)
+    wd, beta1, beta2 = 0.1, 0.9, 0.999
+    for step in range(1, 6):
+        lr = lr * 0.9  # a new value each step, as a scheduler gives
+        triton_step.adam_step_triton(
+            [p], [torch.randn_like(p)], [st], lr=lr, beta1=beta1, beta2=beta2, eps=1e-8, weight_decay=wd,
+            state_format="fp32",
+        )  # fmt: skip
+        sc = next(reversed(triton_step._LAUNCHES.values())).sc[0].cpu()
+        bc1 = 1 - beta1**step
+        decay, step_size = _lr_terms(lr, wd, bc1)
+        expected = [decay, -step_size, (1 - beta2**step) ** 0.5]
+        actual = [
+            sc[triton_step._SC_DECAY.value],
+            sc[triton_step._SC_STEP_SIZE.value],
+            sc[triton_step._SC_BC2_SQRT.value],
+        ]
+        assert_exact(torch.stack(actual), torch.tensor(expected, dtype=torch.float32), msg=f"step {step}")

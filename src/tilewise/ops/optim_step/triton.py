@@ -365,27 +365,39 @@ def _step_kernel(
 
 @triton.jit
 def _scalar_kernel(tab, sc_ptr, lr_ptr, T, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1_lo, b2_hi, b2_lo,
-                   BT: tl.constexpr, LR_TENSOR: tl.constexpr):  # fmt: skip
+                   BT: tl.constexpr, LR_TENSOR: tl.constexpr, LR_ON_CPU: tl.constexpr):  # fmt: skip
     """Each tensor's scalars for this step, ``BT`` tensors per program, into row ``t`` of ``sc float32 [T, NSC]``:
     ``lr``, the decoupled decay factor ``1 - lr * wd``, Adam's ``-lr / (1 - beta1**n)`` and
     ``sqrt(1 - beta2**n)`` and its reciprocal for ``n = step + 1`` (float64, as the reference, then rounded to
     fp32), and whether ``step == 0`` (SGD's first momentum). Once per tensor here, rather than in every thread of
-    every tile program: the float64 powers are ~200 scalar instructions the step kernel would repeat per program."""
+    every tile program: the float64 powers are ~200 scalar instructions the step kernel would repeat per program.
+
+    A tensor ``lr`` (fp32) follows ``torch.optim``'s tensor arithmetic instead (README): ``decay = fp32(1 -
+    fp32(lr * fp32(wd)))`` and ``lr / fp32(bc1)``, which torch computes on CUDA as ``lr * fp32(1 / fp32(bc1))``
+    (``LR_ON_CPU``: as an IEEE division). Launched with FMA contraction off, so each product rounds as torch's."""
     o_t = tl.program_id(0) * BT + tl.arange(0, BT)
     m_t = o_t < T
     p_step = tl.load(tab + o_t.to(tl.int64) * _NS + _STEP, mask=m_t, other=0).to(tl.pointer_type(tl.float32))
     step = tl.load(p_step, mask=m_t, other=0.0)
-    if LR_TENSOR:
-        lr64 = tl.load(lr_ptr + o_t * 0).to(tl.float64)
-    else:
-        lr64 = _f64(lr_hi, lr_lo) + tl.zeros((BT,), tl.float64)
     n = (step + 1.0).to(tl.int32)
     bc1 = 1.0 - _pow64(_f64(b1_hi, b1_lo) + tl.zeros((BT,), tl.float64), n)
     bc2_sqrt = tl.sqrt(1.0 - _pow64(_f64(b2_hi, b2_lo) + tl.zeros((BT,), tl.float64), n))
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr + o_t * 0).to(tl.float32)
+        decay = 1.0 - lr * _f64(wd_hi, wd_lo).to(tl.float32)
+        if LR_ON_CPU:
+            step_size = tl.div_rn(lr, bc1.to(tl.float32))
+        else:
+            step_size = lr * tl.div_rn(tl.full((BT,), 1.0, tl.float32), bc1.to(tl.float32))
+    else:
+        lr64 = _f64(lr_hi, lr_lo) + tl.zeros((BT,), tl.float64)
+        lr = lr64.to(tl.float32)
+        decay = (1.0 - lr64 * _f64(wd_hi, wd_lo)).to(tl.float32)
+        step_size = (lr64 / bc1).to(tl.float32)
     p_sc = sc_ptr + o_t * _NSC
-    tl.store(p_sc + _SC_LR, lr64.to(tl.float32), mask=m_t)
-    tl.store(p_sc + _SC_DECAY, (1.0 - lr64 * _f64(wd_hi, wd_lo)).to(tl.float32), mask=m_t)
-    tl.store(p_sc + _SC_STEP_SIZE, (-lr64 / bc1).to(tl.float32), mask=m_t)
+    tl.store(p_sc + _SC_LR, lr, mask=m_t)
+    tl.store(p_sc + _SC_DECAY, decay, mask=m_t)
+    tl.store(p_sc + _SC_STEP_SIZE, -step_size, mask=m_t)
     tl.store(p_sc + _SC_BC2_SQRT, bc2_sqrt.to(tl.float32), mask=m_t)
     tl.store(p_sc + _SC_INV_BC2_SQRT, (1.0 / bc2_sqrt).to(tl.float32), mask=m_t)
     tl.store(p_sc + _SC_FIRST, (step == 0).to(tl.float32), mask=m_t)
@@ -534,6 +546,7 @@ def _run(
     for i, (p, g, st) in enumerate(zip(params, grads, states, strict=True)):
         groups.setdefault((p.dtype, g.dtype, "master" in st), []).append(i)
     lr_t = lr if isinstance(lr, torch.Tensor) else None
+    lr_on_cpu = lr_t is not None and lr_t.device.type == "cpu"  # torch.optim's arithmetic follows lr's device
     if lr_t is not None and lr_t.device != device:  # a copy per call; keep a tensor lr on the parameters' device
         lr_t = lr_t.to(device, non_blocking=True)
     lr_hi, lr_lo = _split(0.0 if lr_t is not None else float(lr))
@@ -558,6 +571,7 @@ def _run(
                 _scalar_kernel[(triton.cdiv(len(idx), 128),)](
                     launch.tab, launch.sc, lr_t if lr_t is not None else launch.sc, len(idx), lr_hi, lr_lo,
                     *sc["wd64"], *sc["b1_64"], *sc["b2_64"], BT=128, LR_TENSOR=lr_t is not None,
+                    LR_ON_CPU=lr_on_cpu, enable_fp_fusion=False,
                 )  # fmt: skip
                 cm = (pm.code, pm.lut, pm.thr, pm.mid) if pm else (p0,) * 4
                 cv = (pv.code, pv.lut, pv.thr, pv.mid) if pv else (p0,) * 4
