@@ -6,6 +6,7 @@ its ``triton.py`` only when the Triton backend runs.
 """
 
 from tilewise.ops.blockquant import dequantize_blockwise, quantize_blockwise
+from tilewise.ops.fft_conv import fft_conv
 from tilewise.ops.hadamard import hadamard
 
-__all__ = ["dequantize_blockwise", "hadamard", "quantize_blockwise"]
+__all__ = ["dequantize_blockwise", "fft_conv", "hadamard", "quantize_blockwise"]

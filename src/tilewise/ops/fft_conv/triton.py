@@ -1,0 +1,347 @@
+"""Triton kernels for the causal FFT convolution: one program convolves a whole row with DFT-matrix products.
+
+A row of length ``N`` is zero-padded to ``L = N1 * N2 <= MAX_FUSED_L`` and viewed as ``A[n1, n2]`` (``t = N2 n1 +
+n2``, ``N2`` contiguous). Its DFT in permuted order is ``C = ((F_N1 A) ∘ T) F_N2`` (``C[k1, k2] = X[k1 + N1 k2]``),
+the inverse ``A = conj(F_N1) ((C conj(F_N2)) ∘ conj(T))``. The kernel walks ``F_N1``'s rows in blocks of ``BK``:
+each block of the spectrum is made, multiplied by the kernel's spectrum and taken back to time, accumulating into
+the output tile, so only the row, the output tile and one ``[BK, N2]`` complex block are live (the structure of
+flash attention). Complex products are pairs of real ``tl.dot``; half of ``A`` (the padding) and half of the
+output (the truncated tail) are never multiplied. README.md has the derivation, the backward and the precision
+choice (``tf32x3`` dots for fp32/fp16 I/O, ``tf32`` for bf16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from tilewise.ops.fft_conv.monarch import dft_matrix, fft_length, twiddle
+
+__all__ = [
+    "MAX_FUSED_L",
+    "MAX_FUSED_N",
+    "fft_conv_triton",
+    "fft_conv_triton_fwd",
+    "fft_corr_sum_triton",
+    "kernel_spectrum",
+]
+
+# Longest transform one program holds: 16384 = 256 x 64, so N <= 8192.
+MAX_FUSED_L = 16384
+MAX_FUSED_N = MAX_FUSED_L // 2
+# Shortest transform: tl.dot needs every dimension >= 16, and N1 / 2 (the rows that hold the signal) is one.
+_MIN_L = 512
+
+
+@triton.jit
+def _cmul(ar, ai, br, bi):
+    return ar * br - ai * bi, ar * bi + ai * br
+
+
+@triton.jit
+def _cdot(ar, ai, br, bi, PREC: tl.constexpr):
+    """``(ar + i ai) @ (br + i bi)`` as four real dots."""
+    b_r = tl.dot(ar, br, input_precision=PREC)
+    b_r = tl.dot(-ai, bi, acc=b_r, input_precision=PREC)
+    b_i = tl.dot(ar, bi, input_precision=PREC)
+    b_i = tl.dot(ai, br, acc=b_i, input_precision=PREC)
+    return b_r, b_i
+
+
+@triton.jit
+def _spectrum_block(b_x, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC: tl.constexpr):
+    """Rows ``k1`` of the permuted spectrum of the real row ``b_x [N1H, N2]``: ``((F1[k1, :N1H] @ A) ∘ T) @ F2``."""
+    b_br = tl.dot(b_f1r, b_x, input_precision=PREC)
+    b_bi = tl.dot(b_f1i, b_x, input_precision=PREC)
+    b_br, b_bi = _cmul(b_br, b_bi, b_tr, b_ti)
+    return _cdot(b_br, b_bi, b_f2r, b_f2i, PREC)
+
+
+@triton.jit
+def _inverse_block(b_y, b_cr, b_ci, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC: tl.constexpr):
+    """``b_y += Re(conj(F1)[:N1H, k1] @ ((C conj(F2)) ∘ conj(T)))`` for the spectrum block ``C [BK, N2]``."""
+    b_dr, b_di = _cdot(b_cr, b_ci, b_f2r, -b_f2i, PREC)
+    b_dr, b_di = _cmul(b_dr, b_di, b_tr, -b_ti)
+    # F1 is symmetric: conj(F1)[n1, k1] = conj(F1[k1, n1]); Re(conj(F) D) = Fr Dr + Fi Di.
+    b_y = tl.dot(tl.trans(b_f1r), b_dr, acc=b_y, input_precision=PREC)
+    return tl.dot(tl.trans(b_f1i), b_di, acc=b_y, input_precision=PREC)
+
+
+@triton.jit
+def _load_f2(f2, N2: tl.constexpr):
+    o_n2 = tl.arange(0, N2)
+    p_f2 = f2 + o_n2[:, None] * N2 + o_n2[None, :]
+    return tl.load(p_f2), tl.load(p_f2 + N2 * N2)
+
+
+@triton.jit
+def _load_block(f1, tw, i_k, N1: tl.constexpr, N1H: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr):
+    """``F1[k1, :N1H]`` and ``T[k1, :]`` (re, im) for the rows ``k1`` of block ``i_k``."""
+    o_k1 = i_k * BK + tl.arange(0, BK)
+    p_f1 = f1 + o_k1[:, None] * N1 + tl.arange(0, N1H)[None, :]
+    p_tw = tw + o_k1[:, None] * N2 + tl.arange(0, N2)[None, :]
+    return tl.load(p_f1), tl.load(p_f1 + N1 * N1), tl.load(p_tw), tl.load(p_tw + N1 * N2)
+
+
+@triton.jit
+def _fft_conv_kernel(
+    x,
+    khat,
+    skip,
+    y,
+    f1,
+    f2,
+    tw,
+    H,
+    N,
+    N1: tl.constexpr,
+    N2: tl.constexpr,
+    BK: tl.constexpr,
+    CONJ: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``y[r] = IDFT(DFT(x[r]) ∘ khat[h])[:N] (+ skip[h] x[r])`` for row ``r = b * H + h`` of ``x, y: [B*H, N]``.
+
+    ``khat: [H, 2, N1, N2]`` is the kernel's permuted spectrum over ``L`` (1/L folded in); ``CONJ`` multiplies by
+    its conjugate instead (the anti-causal correlation of the backward).
+    """
+    N1H: tl.constexpr = N1 // 2
+    i_r = tl.program_id(0).to(tl.int64)
+    i_h = i_r % H
+    o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    m_t = o_t < N
+    b_x = tl.load(x + i_r * N + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_f2r, b_f2i = _load_f2(f2, N2)
+    b_y = tl.zeros([N1H, N2], dtype=tl.float32)
+    o_c = tl.arange(0, BK)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    for i_k in range(0, N1 // BK):
+        b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
+        b_cr, b_ci = _spectrum_block(b_x, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+        p_k = khat + i_h * (2 * N1 * N2) + i_k * BK * N2 + o_c
+        b_kr = tl.load(p_k)
+        b_ki = tl.load(p_k + N1 * N2)
+        if CONJ:
+            b_ki = -b_ki
+        b_cr, b_ci = _cmul(b_cr, b_ci, b_kr, b_ki)
+        b_y = _inverse_block(b_y, b_cr, b_ci, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+    if HAS_SKIP:
+        b_y += tl.load(skip + i_h).to(tl.float32) * b_x
+    tl.store(y + i_r * N + o_t, b_y.to(y.dtype.element_ty), mask=m_t)
+
+
+@triton.jit
+def _fft_corr_sum_kernel(
+    a,
+    b,
+    out,
+    dot_out,
+    f1,
+    f2,
+    tw,
+    B,
+    H,
+    N,
+    scale,
+    N1: tl.constexpr,
+    N2: tl.constexpr,
+    BK: tl.constexpr,
+    HAS_DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``out[h, s] = sum_b sum_t a[b, h, t] b[b, h, t - s]`` (``s < N``) and ``dot_out[h] = sum_{b,t} a b``.
+
+    The sum over ``b`` is taken in the frequency domain, ``IDFT(sum_b DFT(a_b) ∘ conj(DFT(b_b)))``: one inverse
+    per channel. ``a, b: [B, H, N]``; ``out: [H, N]`` and ``dot_out: [H]`` fp32; ``scale`` is ``1 / L``.
+    """
+    N1H: tl.constexpr = N1 // 2
+    i_h = tl.program_id(0).to(tl.int64)
+    o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    m_t = o_t < N
+    b_f2r, b_f2i = _load_f2(f2, N2)
+    b_y = tl.zeros([N1H, N2], dtype=tl.float32)
+    b_s = tl.zeros([N1H, N2], dtype=tl.float32)
+    for i_k in range(0, N1 // BK):
+        b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
+        b_pr = tl.zeros([BK, N2], dtype=tl.float32)
+        b_pi = tl.zeros([BK, N2], dtype=tl.float32)
+        for i_b in range(0, B):
+            o_row = (i_b * H + i_h) * N
+            b_a = tl.load(a + o_row + o_t, mask=m_t, other=0.0).to(tl.float32)
+            b_b = tl.load(b + o_row + o_t, mask=m_t, other=0.0).to(tl.float32)
+            # HAS_DOT is resolved at compile time, i_k == 0 at run time: kept as two ifs for Triton.
+            if HAS_DOT:  # noqa: SIM102
+                if i_k == 0:
+                    b_s += b_a * b_b
+            b_ar, b_ai = _spectrum_block(b_a, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+            b_br, b_bi = _spectrum_block(b_b, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+            # P += A conj(B)
+            b_pr += b_ar * b_br + b_ai * b_bi
+            b_pi += b_ai * b_br - b_ar * b_bi
+        b_y = _inverse_block(b_y, b_pr, b_pi, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+    tl.store(out + i_h * N + o_t, b_y * scale, mask=m_t)
+    if HAS_DOT:
+        tl.store(dot_out + i_h, tl.sum(tl.sum(b_s, axis=1), axis=0))
+
+
+def _factors(length: int) -> tuple[int, int, int, int]:
+    """``(N1, N2, BK, num_warps)`` for a transform of ``length``: ``N1 = 4 N2`` minimises the dot work
+    ``L (4 N1 + 16 N2)`` (first and last stages run on half the rows), ``N2`` at least 16 for ``tl.dot``."""
+    n2 = 16 if length <= 1024 else 32 if length <= 8192 else 64
+    n1 = length // n2
+    return n1, n2, min(n1, 32), 4 if length <= 2048 else 8
+
+
+# tl.dot input precision by I/O dtype: 3 tf32 products (~fp32) where the output keeps more than tf32's 11 bits;
+# one tf32 product for bf16, whose 8-bit output rounding is 8x coarser than tf32's.
+_PREC = {torch.float32: "tf32x3", torch.float16: "tf32x3", torch.bfloat16: "tf32"}
+
+
+def _constants(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n1, n2, _, _ = _factors(length)
+    return dft_matrix(n1, device), dft_matrix(n2, device), twiddle(n1, n2, device)
+
+
+def kernel_spectrum(k: torch.Tensor, length: int) -> torch.Tensor:
+    """``[H, 2, N1, N2]`` fp32 permuted spectrum of ``k [H, N]`` zero-padded to ``length``, times ``1 / length``:
+    ``khat[h, :, k1, k2] = DFT_L(k[h])[k1 + N1 k2] / L`` (re, im). One ``torch.fft`` over ``H`` rows."""
+    n1, n2, _, _ = _factors(length)
+    spec = torch.fft.fft(k.float(), n=length).view(k.shape[0], n2, n1).transpose(1, 2) / length
+    return torch.stack((spec.real, spec.imag), dim=1).contiguous()
+
+
+def _launch_options(u: torch.Tensor) -> tuple[int, contextlib.AbstractContextManager]:
+    length = fft_length(u.shape[-1], _MIN_L)
+    # Triton launches on the current CUDA device: make it u's.
+    return length, torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
+
+
+def fft_conv_triton_fwd(
+    u: torch.Tensor,
+    k: torch.Tensor,
+    skip: torch.Tensor | None = None,
+    *,
+    correlate: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Host side, no autograd: causal convolution (or, with ``correlate``, the anti-causal correlation
+    ``y[t] = sum_{s >= t} k[s - t] u[s]``) of contiguous ``u [B, H, N]`` with ``k [H, N]``, ``N <= MAX_FUSED_N``.
+
+    ``out``, if given, is a contiguous tensor like ``u`` that receives the result (tests poison it).
+    """
+    b, h, n = u.shape
+    if out is None:
+        out = torch.empty_like(u)
+    if u.numel() == 0:
+        return out
+    length, on_device = _launch_options(u)
+    n1, n2, bk, num_warps = _factors(length)
+    with on_device:
+        _fft_conv_kernel[(b * h,)](
+            u,
+            kernel_spectrum(k, length),
+            skip if skip is not None else u,
+            out,
+            *_constants(length, u.device),
+            h,
+            n,
+            N1=n1,
+            N2=n2,
+            BK=bk,
+            CONJ=correlate,
+            HAS_SKIP=skip is not None,
+            PREC=_PREC[u.dtype],
+            num_warps=num_warps,
+        )
+    return out
+
+
+def fft_corr_sum_triton(
+    a: torch.Tensor, b: torch.Tensor, with_dot: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Host side, no autograd: ``out[h, s] = sum_{b, t} a[b, h, t] b[b, h, t - s]`` for contiguous ``a, b
+    [B, H, N]`` (``N <= MAX_FUSED_N``), fp32 ``[H, N]``; with ``with_dot`` also fp32 ``sum_{b, t} a b`` ``[H]``."""
+    bsz, h, n = a.shape
+    out = torch.empty((h, n), dtype=torch.float32, device=a.device)
+    dot = torch.empty((h,), dtype=torch.float32, device=a.device) if with_dot else None
+    if bsz == 0 or n == 0:
+        out.zero_()
+        return out, dot.zero_() if dot is not None else None
+    length, on_device = _launch_options(a)
+    n1, n2, bk, num_warps = _factors(length)
+    prec = "tf32" if a.dtype == b.dtype == torch.bfloat16 else "tf32x3"
+    with on_device:
+        _fft_corr_sum_kernel[(h,)](
+            a,
+            b,
+            out,
+            dot if dot is not None else out,
+            *_constants(length, a.device),
+            bsz,
+            h,
+            n,
+            1.0 / length,
+            N1=n1,
+            N2=n2,
+            BK=bk,
+            HAS_DOT=with_dot,
+            PREC=prec,
+            num_warps=num_warps,
+        )
+    return out, dot
+
+
+@torch.library.custom_op("tilewise::fft_conv", mutates_args=())
+def _fft_conv_op(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool) -> torch.Tensor:
+    return fft_conv_triton_fwd(
+        u.contiguous(), k.contiguous(), skip.contiguous() if skip is not None else None, correlate=correlate
+    )
+
+
+@_fft_conv_op.register_fake
+def _(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool) -> torch.Tensor:
+    return u.new_empty(u.shape)
+
+
+@torch.library.custom_op("tilewise::fft_corr_sum", mutates_args=())
+def _fft_corr_sum_op(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out, dot = fft_corr_sum_triton(a.contiguous(), b.contiguous(), with_dot=True)
+    return out, dot
+
+
+@_fft_corr_sum_op.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return a.new_empty(a.shape[1:], dtype=torch.float32), a.new_empty(a.shape[1:2], dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, k, skip, correlate = inputs
+    ctx.save_for_backward(u, k, skip)
+    ctx.correlate = correlate
+
+
+def _backward(ctx, dy: torch.Tensor):
+    """Adjoints: a causal convolution's is the anti-causal correlation with the same kernel (and back), the
+    kernel's gradient a correlation summed over the batch, the skip's ``sum(dy * u)`` (README.md)."""
+    u, k, skip = ctx.saved_tensors
+    du = dk = dskip = None
+    if ctx.needs_input_grad[0]:
+        du = _fft_conv_op(dy, k, skip, not ctx.correlate)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        # conv: dk[s] = sum_t dy[t] u[t - s]; correlation: dk[s] = sum_t u[t] dy[t - s].
+        dk32, dot = _fft_corr_sum_op(*((u, dy) if ctx.correlate else (dy, u)))
+        dk = dk32.to(k.dtype)
+        dskip = dot.to(skip.dtype) if skip is not None else None
+    return du, dk, dskip, None
+
+
+_fft_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fft_conv_triton(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal FFT convolution with the Triton kernels, differentiable (the ``tilewise::fft_conv`` op);
+    ``u [B, H, N]``, ``k [H, N]``, ``skip [H]`` or None, ``N <= MAX_FUSED_N``; returns ``[B, H, N]`` in u's dtype."""
+    return _fft_conv_op(u, k, skip, False)

@@ -1,0 +1,286 @@
+"""tilewise.ops.fft_conv: the reference against a direct O(N^2) convolution; the Monarch (PyTorch) and Triton
+paths against the reference, forward and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilewise._testing import assert_close, assert_exact, assert_rel_rms, poison_like
+from tilewise.ops import fft_conv
+from tilewise.ops.fft_conv.monarch import fft_conv_monarch, fft_length
+from tilewise.ops.fft_conv.reference import fft_conv_ref
+
+# Relative RMS error bounds (tier 3: every output is a sum of up to N products, taken through transforms).
+# fp32: a few units of fp32 rounding times log2(L), the reference's own error (~3e-7 measured).
+FP32_REL = 1e-5
+# bf16 I/O: both sides round their fp32 result to bf16 (2^-9 relative each), so they differ by about that much.
+BF16_REL = 8e-3
+SMALL_N = [1, 7, 100, 256, 300, 1000]
+
+
+def direct_conv(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[b, h, t] = sum_{s <= t} k[h, s] u[b, h, t - s] + skip[h] u[b, h, t]`` by the definition, float64."""
+    u64, k64 = u.double(), k.double()
+    n = u.shape[-1]
+    # toeplitz[h, t, j] = k[h, t - j] for j <= t
+    o = torch.arange(n)
+    lag = o[:, None] - o[None, :]
+    toeplitz = torch.where(lag >= 0, k64[:, lag.clamp(min=0)], 0.0)
+    y = torch.einsum("htj,bhj->bht", toeplitz, u64)
+    if skip is not None:
+        y = y + skip.double()[:, None] * u64
+    return y
+
+
+def inputs(b: int, h: int, n: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    u = torch.randn(b, h, n, device=device).to(dtype)
+    # a decaying kernel, as long-convolution models learn: keeps outputs O(1) at every N
+    k = (torch.randn(h, n, device=device) * torch.exp(-torch.arange(n, device=device) / max(n / 4, 1))).to(dtype)
+    skip = torch.randn(h, device=device).to(dtype)
+    return u, k, skip
+
+
+def grads(fn, u, k, skip, dy):
+    """``(y, du, dk, dskip)`` of ``fn(u, k, skip)`` with incoming gradient ``dy``."""
+    u, k, skip = (t.detach().clone().requires_grad_() for t in (u, k, skip))
+    y = fn(u, k, skip)
+    y.backward(dy)
+    return y, u.grad, k.grad, skip.grad
+
+
+# ---- the reference is the spec: check it against the definition
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1000])
+@pytest.mark.parametrize("with_skip", [False, True])
+def test_reference_matches_direct(n: int, with_skip: bool) -> None:
+    u, k, skip = inputs(2, 3, n, torch.float64)
+    skip = skip if with_skip else None
+    want = direct_conv(u, k, skip)
+    assert_close(fft_conv_ref(u, k, skip), want)
+    assert_rel_rms(fft_conv_ref(u.float(), k.float(), None if skip is None else skip.float()), want, FP32_REL)
+
+
+def test_reference_small_values() -> None:
+    u = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    k = torch.tensor([[1.0, -1.0, 0.5, 0.0]])
+    # y0 = 1, y1 = 2 - 1, y2 = 3 - 2 + 0.5, y3 = 4 - 3 + 1
+    assert_close(fft_conv_ref(u, k), torch.tensor([[[1.0, 1.0, 1.5, 2.0]]]))
+    assert_close(fft_conv_ref(u, k, torch.tensor([2.0])), torch.tensor([[[3.0, 5.0, 7.5, 10.0]]]))
+
+
+def test_reference_gradients_match_direct() -> None:
+    u, k, skip = inputs(2, 3, 50, torch.float64)
+    dy = torch.randn(2, 3, 50, dtype=torch.float64)
+    _, *got = grads(fft_conv_ref, u, k, skip, dy)
+    _, *want = grads(direct_conv, u, k, skip, dy)
+    for name, g, w in zip(("du", "dk", "dskip"), got, want, strict=True):
+        assert_close(g, w, msg=name)
+
+
+def test_fft_length() -> None:
+    assert [fft_length(n) for n in (1, 2, 3, 4, 5, 1000, 8192)] == [2, 4, 8, 8, 16, 2048, 16384]
+    assert fft_length(7, minimum=512) == 512
+
+
+# ---- the Monarch path (PyTorch matmuls) against the reference
+
+
+@pytest.mark.parametrize("n", [1, 7, 100, 128, 129, 1000, 5000, 20000])
+def test_monarch_forward_fp32(n: int) -> None:
+    u, k, skip = inputs(2, 3, n)
+    want = fft_conv_ref(u.double(), k.double(), skip.double())
+    assert_rel_rms(fft_conv_monarch(u, k, skip), want, FP32_REL)
+    assert_rel_rms(fft_conv_monarch(u, k), fft_conv_ref(u.double(), k.double()), FP32_REL)
+
+
+@pytest.mark.parametrize("n", [7, 300])
+def test_monarch_bf16_and_gradients(n: int) -> None:
+    u, k, skip = inputs(2, 3, n, torch.bfloat16)
+    y = fft_conv_monarch(u, k, skip)
+    assert y.dtype == torch.bfloat16
+    assert_rel_rms(y, fft_conv_ref(u, k, skip), BF16_REL)
+    dy = torch.randn(2, 3, n)
+    got = grads(fft_conv_monarch, u.float(), k.float(), skip.float(), dy)
+    want = grads(fft_conv_ref, u.double(), k.double(), skip.double(), dy.double())
+    for name, g, w in zip(("y", "du", "dk", "dskip"), got, want, strict=True):
+        assert_rel_rms(g, w, FP32_REL, msg=name)
+
+
+# ---- the Triton kernels (the interpreter on CPU) against the reference
+
+
+def triton_fwd(u, k, skip=None, correlate=False, out=None):
+    from tilewise.ops.fft_conv.triton import fft_conv_triton_fwd
+
+    return fft_conv_triton_fwd(u, k, skip, correlate=correlate, out=out)
+
+
+def triton_conv(u, k, skip):
+    return fft_conv(u, k, skip=skip, backend="triton")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("n", SMALL_N)
+def test_triton_forward_fp32(n: int, device: str) -> None:
+    u, k, skip = inputs(2, 3, n, device=device)
+    want = fft_conv_ref(u.double(), k.double(), skip.double())
+    assert_rel_rms(triton_fwd(u, k, skip, out=poison_like(u)), want, FP32_REL)
+    assert_rel_rms(triton_fwd(u, k, out=poison_like(u)), fft_conv_ref(u.double(), k.double()), FP32_REL)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("n", [4097, 8192])
+def test_triton_longest_fused_row(n: int, device: str) -> None:
+    # L = 16384 = 256 x 64: the largest tile and the most k1 blocks; forward, correlation and the k-gradient sum.
+    u, k, skip = inputs(2, 1, n, device=device)
+    dy = torch.randn_like(u)
+    got = grads(triton_conv, u, k, skip, dy)
+    want = grads(fft_conv_ref, u.double(), k.double(), skip.double(), dy.double())
+    for name, g, w in zip(("y", "du", "dk", "dskip"), got, want, strict=True):
+        assert_rel_rms(g, w, FP32_REL, msg=name)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("n", [1, 100, 1000])
+def test_triton_correlate_is_the_adjoint(n: int, device: str) -> None:
+    # <conv(u), g> = <u, corr(g)> for every u, g: the correlation kernel is the convolution's transpose.
+    u, k, skip = inputs(2, 3, n, device=device)
+    g = torch.randn_like(u)
+    y = fft_conv_ref(u.double(), k.double(), skip.double())
+    corr = triton_fwd(g, k, skip, correlate=True, out=poison_like(g))
+    assert_close((y * g.double()).sum(), (u.double() * corr.double()).sum(), torch.float32, msg="<conv u, g>")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("n", SMALL_N)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gradients(n: int, dtype: torch.dtype, device: str) -> None:
+    u, k, skip = inputs(2, 3, n, dtype, device)
+    dy = torch.randn(2, 3, n, device=device).to(dtype)
+    got = grads(triton_conv, u, k, skip, dy)
+    if dtype == torch.float32:
+        want = grads(fft_conv_ref, u.double(), k.double(), skip.double(), dy.double())
+        rel = FP32_REL
+    else:
+        want = grads(fft_conv_ref, u, k, skip, dy)
+        rel = BF16_REL
+    for name, g, w in zip(("y", "du", "dk", "dskip"), got, want, strict=True):
+        assert g.dtype == dtype, name
+        assert_rel_rms(g, w, rel, msg=name)
+
+
+@pytest.mark.interpret
+def test_triton_mixed_dtypes_and_no_skip(device: str) -> None:
+    # bf16 activations with an fp32 kernel (a model's usual parameters), no skip; gradients keep each dtype.
+    u, k, _ = inputs(3, 2, 77, torch.bfloat16, device)
+    k = k.float()
+    dy = torch.randn_like(u)
+    u1, k1 = u.clone().requires_grad_(), k.clone().requires_grad_()
+    y = fft_conv(u1, k1, backend="triton")
+    y.backward(dy)
+    u2, k2 = u.clone().requires_grad_(), k.clone().requires_grad_()
+    fft_conv_ref(u2, k2).backward(dy)
+    assert (y.dtype, u1.grad.dtype, k1.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert_rel_rms(y, fft_conv_ref(u, k), BF16_REL)
+    assert_rel_rms(u1.grad, u2.grad, BF16_REL, msg="du")
+    assert_rel_rms(k1.grad, k2.grad, BF16_REL, msg="dk")
+
+
+@pytest.mark.interpret
+def test_triton_only_k_needs_grad_and_empty_batch(device: str) -> None:
+    u, k, skip = inputs(2, 3, 40, device=device)
+    k1 = k.clone().requires_grad_()
+    fft_conv(u, k1, skip=skip, backend="triton").sum().backward()
+    k2 = k.double().requires_grad_()
+    fft_conv_ref(u.double(), k2, skip.double()).sum().backward()
+    assert_rel_rms(k1.grad, k2.grad, FP32_REL)
+    empty = torch.randn(0, 3, 40, device=device)
+    assert fft_conv(empty, k, skip=skip, backend="triton").shape == (0, 3, 40)
+
+
+@pytest.mark.interpret
+def test_triton_opcheck(device: str) -> None:
+    from tilewise.ops.fft_conv.triton import _fft_conv_op
+
+    u, k, skip = inputs(2, 3, 20, device=device)
+    torch.library.opcheck(_fft_conv_op, (u, k.requires_grad_(), skip.requires_grad_(), False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1000, 2048, 4095, 8192])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_large_on_gpu(n: int, dtype: torch.dtype) -> None:
+    u, k, skip = inputs(4, 64, n, dtype, "cuda")
+    dy = torch.randn_like(u)
+    got = grads(triton_conv, u, k, skip, dy)
+    want = grads(fft_conv_ref, u.double(), k.double(), skip.double(), dy.double())
+    # fp32: tf32x3 dots; the Hopper tensor cores' fp32 accumulation truncates, so allow 1e-4 rather than 1e-5.
+    rel = 1e-4 if dtype == torch.float32 else BF16_REL
+    for name, g, w in zip(("y", "du", "dk", "dskip"), got, want, strict=True):
+        assert_rel_rms(g, w, rel, msg=name)
+
+
+@pytest.mark.gpu
+def test_auto_on_gpu_long_sequence_uses_reference() -> None:
+    u, k, skip = inputs(1, 4, 20000, device="cuda")
+    assert_exact(fft_conv(u, k, skip=skip), fft_conv_ref(u, k, skip))
+
+
+# ---- dispatch and errors
+
+
+def test_auto_on_cpu_uses_reference() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        u, k, skip = inputs(2, 3, 33, dtype)
+        assert_exact(fft_conv(u, k, skip=skip), fft_conv_ref(u, k, skip))
+
+
+def test_docstring_example() -> None:
+    y = fft_conv(torch.tensor([[[1.0, 2.0, 3.0]]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert_close(y, torch.tensor([[[1.0, 3.0, 5.0]]]))
+
+
+@pytest.mark.parametrize(
+    ("u_shape", "k_shape", "skip_shape", "match"),
+    [
+        ((3, 8), (3, 8), None, "u must be"),
+        ((2, 3, 0), (3, 0), None, "N >= 1"),
+        ((2, 3, 8), (3, 4), None, "k must be"),
+        ((2, 3, 8), (4, 8), None, "k must be"),
+        ((2, 3, 8), (3, 8), (4,), "skip must be"),
+    ],
+)
+def test_bad_shapes(u_shape, k_shape, skip_shape, match: str) -> None:
+    skip = None if skip_shape is None else torch.randn(skip_shape)
+    with pytest.raises(ValueError, match=match):
+        fft_conv(torch.randn(u_shape), torch.randn(k_shape), skip=skip)
+
+
+def test_bad_types() -> None:
+    with pytest.raises(TypeError, match="u must be a floating tensor"):
+        fft_conv(torch.ones(1, 1, 4, dtype=torch.int32), torch.ones(1, 4))
+    with pytest.raises(TypeError, match=r"k must be a torch\.Tensor"):
+        fft_conv(torch.ones(1, 1, 4), [1.0, 2.0, 3.0, 4.0])
+
+
+def test_bad_backend() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        fft_conv(torch.ones(1, 1, 4), torch.ones(1, 4), backend="cufft")
+
+
+@pytest.mark.interpret
+def test_triton_by_name_refuses_what_it_cannot_run(device: str) -> None:
+    with pytest.raises(ValueError, match="N <= 8192"):
+        fft_conv(torch.ones(1, 1, 8193, device=device), torch.ones(1, 8193, device=device), backend="triton")
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        fft_conv(torch.ones(1, 1, 4, dtype=torch.float64, device=device), torch.ones(1, 4), backend="triton")
+
+
+def test_max_triton_n_matches_kernel() -> None:
+    pytest.importorskip("triton")
+    from tilewise.ops.fft_conv import MAX_TRITON_N
+    from tilewise.ops.fft_conv.triton import MAX_FUSED_N
+
+    assert MAX_TRITON_N == MAX_FUSED_N
