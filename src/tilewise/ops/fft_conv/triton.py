@@ -110,8 +110,11 @@ def _fft_conv_kernel(
     its conjugate instead (the anti-causal correlation of the backward).
     """
     N1H: tl.constexpr = N1 // 2
-    i_r = tl.program_id(0).to(tl.int64)
-    i_h = i_r % H
+    # The B programs of a channel run next to each other, so its spectrum khat[h] is read from HBM once.
+    i_p = tl.program_id(0).to(tl.int64)
+    B = tl.num_programs(0) // H
+    i_h = i_p // B
+    i_r = (i_p % B) * H + i_h
     o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
     m_t = o_t < N
     b_x = tl.load(x + i_r * N + o_t, mask=m_t, other=0.0).to(tl.float32)
@@ -152,39 +155,41 @@ def _fft_corr_sum_kernel(
     HAS_DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``out[h, s] = sum_b sum_t a[b, h, t] b[b, h, t - s]`` (``s < N``) and ``dot_out[h] = sum_{b,t} a b``.
+    """``out[h, s] += sum_b sum_t a[b, h, t] b[b, h, t - s]`` (``s < N``) and ``dot_out[h] = sum_{b,t} a b``.
 
-    The sum over ``b`` is taken in the frequency domain, ``IDFT(sum_b DFT(a_b) ∘ conj(DFT(b_b)))``: one inverse
-    per channel. ``a, b: [B, H, N]``; ``out: [H, N]`` and ``dot_out: [H]`` fp32; ``scale`` is ``1 / L``.
+    The sum over ``b`` is taken in the frequency domain, ``IDFT(sum_b DFT(a_b) ∘ conj(DFT(b_b)))``. Program
+    ``(h, i_k)`` makes block ``i_k`` of that spectrum and adds its part of the inverse into ``out`` (zeroed fp32
+    ``[H, N]``) atomically; the ``N1 / BK`` programs of a channel run together, so they share the rows through L2.
+    ``a, b: [B, H, N]``; ``dot_out: [H]`` fp32; ``scale`` is ``1 / L``.
     """
     N1H: tl.constexpr = N1 // 2
-    i_h = tl.program_id(0).to(tl.int64)
+    NK: tl.constexpr = N1 // BK
+    i_p = tl.program_id(0).to(tl.int64)
+    i_h, i_k = i_p // NK, i_p % NK
     o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
     m_t = o_t < N
     b_f2r, b_f2i = _load_f2(f2, N2)
-    b_y = tl.zeros([N1H, N2], dtype=tl.float32)
+    b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
+    b_pr = tl.zeros([BK, N2], dtype=tl.float32)
+    b_pi = tl.zeros([BK, N2], dtype=tl.float32)
     b_s = tl.zeros([N1H, N2], dtype=tl.float32)
-    for i_k in range(0, N1 // BK):
-        b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
-        b_pr = tl.zeros([BK, N2], dtype=tl.float32)
-        b_pi = tl.zeros([BK, N2], dtype=tl.float32)
-        for i_b in range(0, B):
-            o_row = (i_b * H + i_h) * N
-            b_a = tl.load(a + o_row + o_t, mask=m_t, other=0.0).to(tl.float32)
-            b_b = tl.load(b + o_row + o_t, mask=m_t, other=0.0).to(tl.float32)
-            # HAS_DOT is resolved at compile time, i_k == 0 at run time: kept as two ifs for Triton.
-            if HAS_DOT:  # noqa: SIM102
-                if i_k == 0:
-                    b_s += b_a * b_b
-            b_ar, b_ai = _spectrum_block(b_a, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
-            b_br, b_bi = _spectrum_block(b_b, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
-            # P += A conj(B)
-            b_pr += b_ar * b_br + b_ai * b_bi
-            b_pi += b_ai * b_br - b_ar * b_bi
-        b_y = _inverse_block(b_y, b_pr, b_pi, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
-    tl.store(out + i_h * N + o_t, b_y * scale, mask=m_t)
+    for i_b in range(0, B):
+        o_row = (i_b * H + i_h) * N
+        b_a = tl.load(a + o_row + o_t, mask=m_t, other=0.0).to(tl.float32)
+        b_b = tl.load(b + o_row + o_t, mask=m_t, other=0.0).to(tl.float32)
+        if HAS_DOT:
+            b_s += b_a * b_b
+        b_ar, b_ai = _spectrum_block(b_a, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+        b_br, b_bi = _spectrum_block(b_b, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+        # P += A conj(B)
+        b_pr += b_ar * b_br + b_ai * b_bi
+        b_pi += b_ai * b_br - b_ar * b_bi
+    b_y = tl.zeros([N1H, N2], dtype=tl.float32)
+    b_y = _inverse_block(b_y, b_pr, b_pi, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+    tl.atomic_add(out + i_h * N + o_t, b_y * scale, mask=m_t, sem="relaxed")
     if HAS_DOT:
-        tl.store(dot_out + i_h, tl.sum(tl.sum(b_s, axis=1), axis=0))
+        if i_k == 0:
+            tl.store(dot_out + i_h, tl.sum(tl.sum(b_s, axis=1), axis=0))
 
 
 def _factors(length: int) -> tuple[int, int, int, int]:
@@ -226,11 +231,16 @@ def fft_conv_triton_fwd(
     *,
     correlate: bool = False,
     out: torch.Tensor | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """Host side, no autograd: causal convolution (or, with ``correlate``, the anti-causal correlation
     ``y[t] = sum_{s >= t} k[s - t] u[s]``) of contiguous ``u [B, H, N]`` with ``k [H, N]``, ``N <= MAX_FUSED_N``.
 
     ``out``, if given, is a contiguous tensor like ``u`` that receives the result (tests poison it).
+    ``block_k``, ``num_warps`` and ``precision`` (a ``tl.dot`` input precision) override the tuned defaults,
+    for benchmark sweeps.
     """
     b, h, n = u.shape
     if out is None:
@@ -238,7 +248,8 @@ def fft_conv_triton_fwd(
     if u.numel() == 0:
         return out
     length, on_device = _launch_options(u)
-    n1, n2, bk, num_warps = _factors(length)
+    n1, n2, bk, warps = _factors(length)
+    bk = min(block_k or bk, n1)
     with on_device:
         _fft_conv_kernel[(b * h,)](
             u,
@@ -253,8 +264,8 @@ def fft_conv_triton_fwd(
             BK=bk,
             CONJ=correlate,
             HAS_SKIP=skip is not None,
-            PREC=_PREC[u.dtype],
-            num_warps=num_warps,
+            PREC=precision or _PREC[u.dtype],
+            num_warps=num_warps or warps,
         )
     return out
 
@@ -265,16 +276,15 @@ def fft_corr_sum_triton(
     """Host side, no autograd: ``out[h, s] = sum_{b, t} a[b, h, t] b[b, h, t - s]`` for contiguous ``a, b
     [B, H, N]`` (``N <= MAX_FUSED_N``), fp32 ``[H, N]``; with ``with_dot`` also fp32 ``sum_{b, t} a b`` ``[H]``."""
     bsz, h, n = a.shape
-    out = torch.empty((h, n), dtype=torch.float32, device=a.device)
-    dot = torch.empty((h,), dtype=torch.float32, device=a.device) if with_dot else None
-    if bsz == 0 or n == 0:
-        out.zero_()
-        return out, dot.zero_() if dot is not None else None
+    out = torch.zeros((h, n), dtype=torch.float32, device=a.device)
+    dot = torch.zeros((h,), dtype=torch.float32, device=a.device) if with_dot else None
+    if bsz == 0 or n == 0 or h == 0:
+        return out, dot
     length, on_device = _launch_options(a)
     n1, n2, bk, num_warps = _factors(length)
     prec = "tf32" if a.dtype == b.dtype == torch.bfloat16 else "tf32x3"
     with on_device:
-        _fft_corr_sum_kernel[(h,)](
+        _fft_corr_sum_kernel[(h * (n1 // bk),)](
             a,
             b,
             out,
