@@ -188,8 +188,7 @@ def _fft_corr_sum_kernel(
     b_y = _inverse_block(b_y, b_pr, b_pi, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
     tl.atomic_add(out + i_h * N + o_t, b_y * scale, mask=m_t, sem="relaxed")
     if HAS_DOT:
-        if i_k == 0:
-            tl.store(dot_out + i_h, tl.sum(tl.sum(b_s, axis=1), axis=0))
+        tl.store(dot_out + i_h, tl.sum(tl.sum(b_s, axis=1), axis=0), mask=i_k == 0)
 
 
 def _factors(length: int) -> tuple[int, int, int, int]:
