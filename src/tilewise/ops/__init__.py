@@ -8,5 +8,13 @@ its ``triton.py`` only when the Triton backend runs.
 from tilewise.ops.blockquant import dequantize_blockwise, quantize_blockwise
 from tilewise.ops.fft_conv import fft_conv
 from tilewise.ops.hadamard import hadamard
+from tilewise.ops.linear_attention import linear_attention, linear_attention_step
 
-__all__ = ["dequantize_blockwise", "fft_conv", "hadamard", "quantize_blockwise"]
+__all__ = [
+    "dequantize_blockwise",
+    "fft_conv",
+    "hadamard",
+    "linear_attention",
+    "linear_attention_step",
+    "quantize_blockwise",
+]

@@ -1,0 +1,603 @@
+"""Triton kernels for chunked causal linear attention (no gate, or a scalar log-decay gate per token and head).
+
+Tokens are cut into chunks of ``BT = 64`` (each packed sequence on its own). Four kernels (README.md has the math):
+
+1. ``_chunk_state_kernel`` walks the chunks of one ``(sequence, head)`` in order and stores the state ``h_n``
+   (fp32 ``[Dk, Dv]``) at the start of every chunk; run in reverse over ``(q, do)`` it stores the state gradient
+   ``dh_{n+1}`` at the end of every chunk instead.
+2. ``_chunk_fwd_o_kernel``: per ``(chunk, head, V block)``,
+   ``o = scale * ((q ⊙ e^G) h_n + mask(q k^T ⊙ e^{G_i-G_j}) v)``.
+3. ``_chunk_bwd_dqk_kernel`` and ``_chunk_bwd_dv_kernel``: the chunk's ``dq, dk`` (and the gate's ``dG = q·dq - k·dk``)
+   and ``dv`` from ``h_n`` and ``dh_{n+1}``.
+
+The gate's gradient ``dg`` is the reverse cumulative sum of ``dG`` within each sequence (host side, fp64).
+The autograd pair is registered with ``torch.library`` (``tilewise::linear_attention_chunk`` and its ``_bwd``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["BT", "linear_attention_bwd", "linear_attention_fwd", "linear_attention_triton"]
+
+# Chunk length: the intra-chunk attention is a [BT, BT] block.
+BT = 64
+
+
+@triton.jit
+def _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """``(first token, length, chunk within the sequence)`` of the sequence holding global chunk ``i_c``."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        NT = tl.cdiv(T, BT)
+        i_n, i_t = i_c // NT, i_c % NT
+        bos = i_n * T
+    return bos, T, i_t
+
+
+@triton.jit
+def _load_gate(g, bos, o_t, m_t, i_h, H: tl.constexpr):
+    """``(G, G_last)``: inclusive cumulative log decay over the chunk ``[BT]`` (0 past the end) and its total."""
+    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
+
+
+@triton.jit
+def _chunk_state_kernel(
+    a,
+    b,
+    g,
+    h_in,
+    hs,
+    h_out,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    USE_H_IN: tl.constexpr,
+    STORE_H_OUT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    REVERSE: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One ``[BK, BV]`` block of the state of one ``(sequence, head)``, chunk by chunk.
+
+    Forward (``a, b = k, v``): store ``h_n`` into ``hs[chunk]``, then ``h <- e^{G_last} h + (k ⊙ e^{G_last-G})^T v``.
+    Reverse (``a, b = q, do``, chunks last to first): store ``dh_{n+1}``, then
+    ``dh <- e^{G_last} dh + scale (q ⊙ e^G)^T do``. ``h_in``: initial state (forward) or d final state (reverse);
+    ``h_out``: final state (forward) or d initial state (reverse). States are ``[N, H, K, V]`` fp32.
+    """
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+        NT = tl.cdiv(T, BT)
+    else:
+        NT = tl.cdiv(T, BT)
+        bos = i_n.to(tl.int64) * T
+        boh = i_n.to(tl.int64) * NT
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H_IN:
+        b_h += tl.load(h_in + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.0)
+    for i in range(0, NT):
+        i_t = NT - 1 - i if REVERSE else i
+        tl.store(hs + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h, mask=m_kv)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        # a^T [BK, BT], b [BT, BV]
+        p_a = a + ((bos + o_t[None, :]) * H + i_h) * K + o_k[:, None]
+        b_a = tl.load(p_a, mask=m_t[None, :] & (o_k < K)[:, None], other=0.0).to(tl.float32)
+        p_b = b + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        b_b = tl.load(p_b, mask=m_t[:, None] & (o_v < V)[None, :], other=0.0)
+        if USE_G:
+            b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
+            if REVERSE:
+                b_a = b_a * (tl.exp(b_gc) * scale)[None, :]
+            else:
+                b_a = b_a * tl.exp(b_glast - b_gc)[None, :]
+            b_h = b_h * tl.exp(b_glast)
+        elif REVERSE:
+            b_a = b_a * scale
+        b_h += tl.dot(b_a.to(DOT), b_b.to(DOT), input_precision=PREC)
+    if STORE_H_OUT:
+        tl.store(h_out + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
+
+
+@triton.jit
+def _chunk_fwd_o_kernel(
+    q,
+    k,
+    v,
+    g,
+    hs,
+    o,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``o [BT, BV]`` of one ``(chunk, head)``: ``scale * ((q ⊙ e^G) h_n + mask(q k^T ⊙ e^{G_i - G_j}) v)``."""
+    i_ch, i_v = tl.program_id(0), tl.program_id(1)
+    i_c, i_h = i_ch // H, i_ch % H
+    bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_hs = hs + (i_c.to(tl.int64) * H + i_h) * K * V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_q = q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        b_q = tl.load(p_q, mask=m_t[:, None] & m_k[None, :], other=0.0).to(DOT)
+        p_kt = k + ((bos + o_t[None, :]) * H + i_h) * K + o_k[:, None]
+        b_kt = tl.load(p_kt, mask=m_t[None, :] & m_k[:, None], other=0.0).to(DOT)
+        b_h = tl.load(p_hs + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_o += tl.dot(b_q, b_h.to(DOT), input_precision=PREC)
+        b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+    m_causal = o_t[:, None] >= o_t[None, :]
+    if USE_G:
+        b_gc, _ = _load_gate(g, bos, o_t, m_t, i_h, H)
+        b_o = b_o * tl.exp(b_gc)[:, None]
+        # Mask before exp: G_i - G_j > 0 above the diagonal would overflow.
+        b_A = tl.where(m_causal, b_A * tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+    else:
+        b_A = tl.where(m_causal, b_A, 0.0)
+    p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_o += tl.dot(b_A.to(DOT), b_v.to(DOT), input_precision=PREC)
+    tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _chunk_bwd_dqk_kernel(
+    q,
+    k,
+    v,
+    g,
+    hs,
+    dhs,
+    do,
+    dq,
+    dk,
+    dg,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    T_all,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``dq, dk [BT, BK]`` of one ``(chunk, head, K block)``, and this K block's share of ``dG = q·dq - k·dk``.
+
+    ``dq = scale (e^G ⊙ do h_n^T + (mask(do v^T) ⊙ e^{G_i-G_j}) k)``,
+    ``dk = e^{G_last-G} ⊙ v dh_{n+1}^T + scale (mask(do v^T) ⊙ e^{G_i-G_j})^T q``.
+    """
+    i_ch, i_k = tl.program_id(0), tl.program_id(1)
+    i_c, i_h = i_ch // H, i_ch % H
+    bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    p_qk = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+    o_hs = (i_c.to(tl.int64) * H + i_h) * K * V
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(DOT)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(DOT)
+        # h^T, dh^T [BV, BK]
+        o_hT = o_k[None, :] * V + o_v[:, None]
+        m_hT = (o_k < K)[None, :] & (o_v < V)[:, None]
+        b_hT = tl.load(hs + o_hs + o_hT, mask=m_hT, other=0.0).to(DOT)
+        b_dhT = tl.load(dhs + o_hs + o_hT, mask=m_hT, other=0.0).to(DOT)
+        b_ds += tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_dq += tl.dot(b_do, b_hT, input_precision=PREC)
+        b_dk += tl.dot(b_v, b_dhT, input_precision=PREC)
+    m_causal = o_t[:, None] >= o_t[None, :]
+    if USE_G:
+        b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
+        b_dq = b_dq * tl.exp(b_gc)[:, None]
+        b_dk = b_dk * tl.exp(b_glast - b_gc)[:, None]
+        b_ds = tl.where(m_causal, b_ds * tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+    else:
+        b_ds = tl.where(m_causal, b_ds, 0.0)
+    b_ds = (b_ds * scale).to(DOT)
+    b_dq = b_dq * scale + tl.dot(b_ds, b_k.to(DOT), input_precision=PREC)
+    b_dk += tl.dot(tl.trans(b_ds), b_q.to(DOT), input_precision=PREC)
+    tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    if USE_G:
+        # dG for this K block; the host sums the blocks. Masked rows are 0 in q, k.
+        b_dg = tl.sum(b_q * b_dq - b_k * b_dk, 1)
+        tl.store(dg + (i_k * T_all + bos + o_t) * H + i_h, b_dg, mask=m_t)
+
+
+@triton.jit
+def _chunk_bwd_dv_kernel(
+    q,
+    k,
+    g,
+    dhs,
+    do,
+    dv,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``dv [BT, BV]`` of one ``(chunk, head, V block)``:
+    ``(k ⊙ e^{G_last-G}) dh_{n+1} + scale mask(k q^T ⊙ e^{G_i-G_j}) do`` (the attention transposed: row ``j``,
+    column ``i >= j``)."""
+    i_ch, i_v = tl.program_id(0), tl.program_id(1)
+    i_c, i_h = i_ch // H, i_ch % H
+    bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    if USE_G:
+        b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
+    o_hs = (i_c.to(tl.int64) * H + i_h) * K * V
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    b_At = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_k = k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        p_qt = q + ((bos + o_t[None, :]) * H + i_h) * K + o_k[:, None]
+        b_qt = tl.load(p_qt, mask=m_t[None, :] & m_k[:, None], other=0.0).to(DOT)
+        b_dh = tl.load(dhs + o_hs + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_At += tl.dot(b_k.to(DOT), b_qt, input_precision=PREC)
+        if USE_G:
+            b_k = b_k * tl.exp(b_glast - b_gc)[:, None]
+        b_dv += tl.dot(b_k.to(DOT), b_dh.to(DOT), input_precision=PREC)
+    m_causal = o_t[:, None] <= o_t[None, :]
+    if USE_G:
+        b_At = tl.where(m_causal, b_At * tl.exp(tl.where(m_causal, b_gc[None, :] - b_gc[:, None], 0.0)), 0.0)
+    else:
+        b_At = tl.where(m_causal, b_At, 0.0)
+    p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_dv += tl.dot((b_At * scale).to(DOT), b_do.to(DOT), input_precision=PREC)
+    tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+def _block(d: int) -> int:
+    """Tile width along a feature dim: a power of two in [16, 64] (``tl.dot`` needs 16)."""
+    return min(64, max(16, triton.next_power_of_2(d)))
+
+
+def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
+    """Operand dtype and precision of ``tl.dot``: the input dtype on a GPU (fp32 as IEEE fp32, not TF32); fp32 in
+    the interpreter, whose bf16 dot multiplies bit patterns as integers."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return {"DOT": tl.float32, "PREC": "ieee"}
+    return {"DOT": tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, "PREC": "tf32"}
+
+
+class _Layout:
+    """How tokens split into chunks: ``N`` sequences, ``chunks`` in all, and for packed sequences the int32
+    ``chunk_indices [chunks, 2]`` (sequence, chunk within it) and ``chunk_offsets [N]`` (first chunk of each)."""
+
+    def __init__(self, batch: int, seq: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> None:
+        self.seq = seq
+        self.cu_seqlens = cu_seqlens
+        self.chunk_indices = self.chunk_offsets = None
+        if cu_seqlens is None:
+            self.n = batch
+            self.chunks = batch * triton.cdiv(seq, BT)
+            return
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu().long()
+        self.n = lens.numel()
+        counts = (lens + BT - 1) // BT
+        offsets = torch.cumsum(counts, 0) - counts
+        self.chunks = int(counts.sum())
+        seq_id = torch.repeat_interleave(torch.arange(self.n), counts)
+        within = torch.arange(self.chunks) - offsets[seq_id]
+        self.chunk_indices = torch.stack((seq_id, within), 1).to(device=device, dtype=torch.int32).contiguous()
+        self.chunk_offsets = offsets.to(device=device, dtype=torch.int32)
+        self.lens = lens
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+def _states(a, b, g, h_in, layout: _Layout, scale: float, reverse: bool, store_out: bool):
+    """Launch ``_chunk_state_kernel``: ``(hs [chunks, H, K, V], h_out [N, H, K, V] or None)`` in fp32."""
+    _, heads, dk = a.shape
+    dv = b.shape[-1]
+    hs = torch.empty(layout.chunks, heads, dk, dv, dtype=torch.float32, device=a.device)
+    h_out = torch.empty(layout.n, heads, dk, dv, dtype=torch.float32, device=a.device) if store_out else None
+    bk, bv = _block(dk), _block(dv)
+    grid = (layout.n * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))
+    _chunk_state_kernel[grid](
+        a,
+        b,
+        g,
+        h_in,
+        hs,
+        h_out,
+        layout.cu_seqlens,
+        layout.chunk_offsets,
+        layout.seq,
+        scale,
+        H=heads,
+        K=dk,
+        V=dv,
+        BT=BT,
+        BK=bk,
+        BV=bv,
+        USE_G=g is not None,
+        USE_H_IN=h_in is not None,
+        STORE_H_OUT=store_out,
+        IS_VARLEN=layout.varlen,
+        REVERSE=reverse,
+        num_warps=4,
+        **_dot_args(a.dtype, a.device),
+    )
+    return hs, h_out
+
+
+def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B, T, H, ...]`` -> contiguous ``[B * T, H, ...]``."""
+    return None if x is None else x.reshape(-1, *x.shape[2:]).contiguous()
+
+
+def linear_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host side, no autograd. ``q, k [B, T, H, Dk]``, ``v [B, T, H, Dv]`` (same dtype), ``g`` None or fp32
+    ``[B, T, H]``, ``initial_state`` None or fp32 ``[N, H, Dk, Dv]``. Returns ``(o [B, T, H, Dv], final state)``."""
+    batch, seq, heads, dk = q.shape
+    dv = v.shape[-1]
+    layout = _Layout(batch, seq, cu_seqlens, q.device)
+    qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(g)
+    h0 = None if initial_state is None else initial_state.contiguous()
+    o = torch.empty(batch, seq, heads, dv, dtype=q.dtype, device=q.device)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        hs, ht = _states(kf, vf, gf, h0, layout, 1.0, reverse=False, store_out=True)
+        if layout.chunks:
+            bv = _block(dv)
+            _chunk_fwd_o_kernel[(layout.chunks * heads, triton.cdiv(dv, bv))](
+                qf,
+                kf,
+                vf,
+                gf,
+                hs,
+                o,
+                layout.cu_seqlens,
+                layout.chunk_indices,
+                seq,
+                scale,
+                H=heads,
+                K=dk,
+                V=dv,
+                BT=BT,
+                BK=_block(dk),
+                BV=bv,
+                USE_G=g is not None,
+                IS_VARLEN=layout.varlen,
+                num_warps=4,
+                **_dot_args(q.dtype, q.device),
+            )
+    return o, ht
+
+
+def _gate_grad(dgk: torch.Tensor, layout: _Layout, batch: int, final_term: torch.Tensor | None) -> torch.Tensor:
+    """``dg [B, T, H]`` from the per-K-block ``dG`` partials ``[NK, B * T, H]``: sum the blocks, add the final
+    state's ``Σ dS_T ⊙ S_T`` at each sequence's last token, and take the reverse cumulative sum within each
+    sequence (fp64, so packed sequences can be separated by subtraction without cancellation)."""
+    d = dgk.sum(0, dtype=torch.float64)
+    seq, heads = layout.seq, d.shape[-1]
+    if not layout.varlen:
+        d = d.view(batch, seq, heads)
+        if final_term is not None and seq:
+            d[:, -1] += final_term
+        return d.flip(1).cumsum(1).flip(1).float()
+    cu = layout.cu_seqlens.long()
+    if final_term is not None:
+        nonempty = (layout.lens > 0).to(d.device)
+        d.index_add_(0, (cu[1:] - 1)[nonempty], final_term.double()[nonempty])
+    rc = torch.cat((d.flip(0).cumsum(0).flip(0), d.new_zeros(1, heads)))
+    seq_id = torch.repeat_interleave(torch.arange(layout.n, device=d.device), layout.lens.to(d.device))
+    # Subtract what the later sequences added: the reverse sum from the end of this token's sequence.
+    return (rc[:-1] - rc[cu[1:]][seq_id]).float().view(1, seq, heads)
+
+
+def linear_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    final_state: torch.Tensor,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Host side: ``(dq, dk, dv, dg [B, T, H] fp32 or None, d initial_state fp32 or None)``; ``dht`` is the
+    gradient of the final state (None when it was not used). The chunk states are recomputed."""
+    batch, seq, heads, dk = q.shape
+    dv = v.shape[-1]
+    layout = _Layout(batch, seq, cu_seqlens, q.device)
+    qf, kf, vf, gf, dof = _flat(q), _flat(k), _flat(v), _flat(g), _flat(do)
+    h0 = None if initial_state is None else initial_state.contiguous()
+    dht = None if dht is None else dht.float().contiguous()
+    dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    bk, bv = _block(dk), _block(dv)
+    nk = triton.cdiv(dk, bk)
+    dgk = torch.empty(nk, batch * seq, heads, dtype=torch.float32, device=q.device) if g is not None else None
+    common = {"H": heads, "K": dk, "V": dv, "BT": BT, "BK": bk, "BV": bv, "USE_G": g is not None}
+    common |= {"IS_VARLEN": layout.varlen, "num_warps": 4, **_dot_args(q.dtype, q.device)}
+    chunk_args = (layout.cu_seqlens, layout.chunk_indices, seq)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        hs, _ = _states(kf, vf, gf, h0, layout, 1.0, reverse=False, store_out=False)
+        dhs, dh0 = _states(qf, dof, gf, dht, layout, scale, reverse=True, store_out=h0 is not None)
+        if layout.chunks:
+            _chunk_bwd_dqk_kernel[(layout.chunks * heads, nk)](
+                qf, kf, vf, gf, hs, dhs, dof, dq, dk_, dgk, *chunk_args, batch * seq, scale, **common
+            )
+            _chunk_bwd_dv_kernel[(layout.chunks * heads, triton.cdiv(dv, bv))](
+                qf, kf, gf, dhs, dof, dv_, *chunk_args, scale, **common
+            )
+    dg = None
+    if g is not None:
+        final_term = None if dht is None else (dht * final_state).sum((-2, -1))
+        dg = _gate_grad(dgk, layout, batch, final_term)
+    return dq, dk_, dv_, dg, dh0
+
+
+@torch.library.custom_op("tilewise::linear_attention_chunk", mutates_args=())
+def _chunk_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked linear attention with the Triton kernels: ``(o, final state)`` (see :func:`linear_attention_fwd`)."""
+    return linear_attention_fwd(q, k, v, g, initial_state, cu_seqlens, scale)
+
+
+@_chunk_op.register_fake
+def _(q, k, v, g, initial_state, cu_seqlens, scale):
+    n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    o = v.new_empty(*q.shape[:-1], v.shape[-1])
+    return o, q.new_empty(n, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tilewise::linear_attention_chunk_bwd", mutates_args=())
+def _chunk_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    final_state: torch.Tensor,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_chunk_op`; ``dg`` and ``d initial_state`` are empty when ``g`` / the state is None."""
+    dq, dk, dv, dg, dh0 = linear_attention_bwd(q, k, v, g, initial_state, final_state, do, dht, cu_seqlens, scale)
+    return dq, dk, dv, q.new_empty(0) if dg is None else dg, q.new_empty(0) if dh0 is None else dh0
+
+
+@_chunk_bwd_op.register_fake
+def _(q, k, v, g, initial_state, final_state, do, dht, cu_seqlens, scale):
+    dg = q.new_empty(0) if g is None else torch.empty_like(g)
+    dh0 = q.new_empty(0) if initial_state is None else torch.empty_like(initial_state)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, g, initial_state, cu_seqlens, scale = inputs
+    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, output[1])
+    ctx.scale = scale
+
+
+def _backward(ctx, do: torch.Tensor | None, dht: torch.Tensor | None):
+    q, k, v, g, initial_state, cu_seqlens, final_state = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    dq, dk, dv, dg, dh0 = _chunk_bwd_op(q, k, v, g, initial_state, final_state, do, dht, cu_seqlens, ctx.scale)
+    return dq, dk, dv, None if g is None else dg, None if initial_state is None else dh0, None, None
+
+
+_chunk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validated arguments in, ``(o, final state or None)`` out; ``g`` None or ``[H]`` / ``[B, T, H]`` (any float
+    dtype, differentiable), ``initial_state`` any float dtype (differentiable)."""
+    batch, seq, heads, _ = q.shape
+    if g is not None:
+        g = g.float().expand(batch, seq, heads).contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    o, ht = _chunk_op(q.contiguous(), k.contiguous(), v.contiguous(), g, initial_state, cu_seqlens, float(scale))
+    return o, (ht if output_final_state else None)
