@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tilewise._backend import BACKENDS
+from tilewise._backend import BACKENDS, resolve_backend
 from tilewise.ops.optim_step import QUANT_FORMATS, STATE_FORMATS, init_state
 
 __all__ = ["BITS_TO_FORMAT", "LowBitOptimizer", "resolve_state_format"]
@@ -89,6 +89,11 @@ def _as_dtensor(key: str, value: Any, param: torch.Tensor) -> Any:
         return value
     flat = [Shard(0) if isinstance(placement, Shard) else placement for placement in placements]
     return DTensor.from_local(value, mesh, flat, run_check=False, shape=(value.numel() * shards,), stride=(1,))
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device whose current stream is capturing a CUDA graph (asks CUDA; no sync)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _check_number(name: str, value: Any, low: float, high: float | None = None, *, high_open: bool = True) -> None:
@@ -191,11 +196,17 @@ class LowBitOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 fmt = self._param_format(group, p)
                 state = self.state[p]
+                local = _local(p)
                 if not state:
+                    if _capturing(local.device):
+                        raise RuntimeError(
+                            f"{type(self).__name__}.step() is being captured in a CUDA graph before this parameter "
+                            f"(shape {tuple(p.shape)}) has optimizer state: take one or more eager steps (warm-up, "
+                            "on a side stream) with the gradients the graph will use before capturing"
+                        )
                     state.update(self._init_state(group, p, fmt))
                     if fmt != resolve_state_format(group["state_bits"], group["state_format"]):
                         kept[0], kept[1] = kept[0] + 1, kept[1] + p.numel()
-                local = _local(p)
                 ps, gs, ss = buckets.setdefault((local.dtype, local.device, fmt), ([], [], []))
                 ps.append(local)
                 gs.append(_local(p.grad))
@@ -204,7 +215,9 @@ class LowBitOptimizer(torch.optim.Optimizer):
             # (kept below 2**31 so the kernel's seed argument keeps one integer type: no recompilation)
             seed = (group["seed"] * 1_000_003 + group[_CALLS] * 7919) % ((1 << 31) - 1)
             group[_CALLS] += 1
-            for (_, _, fmt), (ps, gs, ss) in buckets.items():
+            for (_, device, fmt), (ps, gs, ss) in buckets.items():
+                if _capturing(device):
+                    self._check_capture(group, ps)
                 self._step_bucket(group, ps, gs, ss, fmt, seed)
         if kept[0]:  # once, when their state is created: they cost memory, not correctness
             warnings.warn(
@@ -214,6 +227,47 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
         return loss
+
+    def _check_capture(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Before a bucket's step is captured in a CUDA graph: raise for what would break the capture (a host sync)
+        or would leave the replays stale, and warn about what the replays freeze.
+
+        The Triton step reads ``lr`` (a tensor on the parameters' device), ``step`` and the state on the device and
+        never syncs; the reference backend reads ``step`` on the host. A Python ``lr`` is baked into the graph.
+        """
+        name, device = type(self).__name__, params[0].device
+        if resolve_backend(group["backend"], *params) != "triton":
+            raise RuntimeError(
+                f"{name}.step() is being captured in a CUDA graph with the reference backend, which reads the step "
+                "count on the host every step; use backend='auto' or 'triton' (needs triton installed)"
+            )
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.device != device:
+            raise RuntimeError(
+                f"{name}.step() is being captured in a CUDA graph with lr a tensor on {lr.device}, which would be "
+                f"copied to {device} with a host sync; create it there (torch.tensor(lr, device='{device}')): LR "
+                "schedulers update it in place, and the replays read the new value"
+            )
+        for key in ("betas", "eps", "weight_decay", "momentum", "dampening"):
+            value = group.get(key, ())
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+                raise RuntimeError(
+                    f"{name}.step() is being captured in a CUDA graph with {key} a tensor on {device}, which the "
+                    "step reads on the host (a sync); give it as a float (only lr can be a GPU tensor)"
+                )
+        if not isinstance(lr, torch.Tensor):
+            warnings.warn(
+                f"{name}.step() captured in a CUDA graph with lr={lr!r}, a Python float: every replay uses this "
+                f"value, whatever an LR scheduler sets later; pass lr as a tensor on {device} to schedule it",
+                stacklevel=3,
+            )
+        if group["stochastic_round"]:
+            warnings.warn(
+                f"{name}.step() captured in a CUDA graph with stochastic_round=True: every replay draws the "
+                "captured seed's rounding noise, the same for each step",
+                stacklevel=3,
+            )
 
     def _step_bucket(
         self,
