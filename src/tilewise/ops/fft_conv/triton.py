@@ -1,13 +1,14 @@
-"""Triton kernels for the causal FFT convolution: one program convolves a whole row with DFT-matrix products.
+"""Triton kernels for the causal FFT convolution: one program convolves whole rows with DFT-matrix products.
 
 A row of length ``N`` is zero-padded to ``L = N1 * N2 <= MAX_FUSED_L`` and viewed as ``A[n1, n2]`` (``t = N2 n1 +
 n2``, ``N2`` contiguous). Its DFT in permuted order is ``C = ((F_N1 A) ∘ T) F_N2`` (``C[k1, k2] = X[k1 + N1 k2]``),
 the inverse ``A = conj(F_N1) ((C conj(F_N2)) ∘ conj(T))``. The kernel walks ``F_N1``'s rows in blocks of ``BK``:
 each block of the spectrum is made, multiplied by the kernel's spectrum and taken back to time, accumulating into
-the output tile, so only the row, the output tile and one ``[BK, N2]`` complex block are live (the structure of
-flash attention). Complex products are pairs of real ``tl.dot``; half of ``A`` (the padding) and half of the
-output (the truncated tail) are never multiplied. README.md has the derivation, the backward and the precision
-choice (``tf32x3`` dots for fp32/fp16 I/O, ``tf32`` for bf16).
+the output tile, so only the rows, the output tile and one ``[BK, N2]`` complex block are live (the structure of
+flash attention). Two batch rows of a channel travel as one complex signal (the kernel is real). Complex products
+are pairs of real ``tl.dot``; half of ``A`` (the padding) and half of the output (the truncated tail) are never
+multiplied. README.md has the derivation, the backward and the precision choice (``tf32x3`` dots for fp32/fp16
+I/O, ``tf32`` for bf16).
 """
 
 from __future__ import annotations
@@ -52,19 +53,31 @@ def _cdot(ar, ai, br, bi, PREC: tl.constexpr):
 
 
 @triton.jit
-def _spectrum_block(b_x, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC: tl.constexpr):
-    """Rows ``k1`` of the permuted spectrum of the real row ``b_x [N1H, N2]``: ``((F1[k1, :N1H] @ A) ∘ T) @ F2``."""
-    b_br = tl.dot(b_f1r, b_x, input_precision=PREC)
-    b_bi = tl.dot(b_f1i, b_x, input_precision=PREC)
+def _finish_spectrum(b_br, b_bi, b_tr, b_ti, b_f2r, b_f2i, PREC: tl.constexpr):
+    """``(B ∘ T[k1]) @ F2``: the twiddle and the contiguous-axis DFT of a ``[BK, N2]`` block."""
     b_br, b_bi = _cmul(b_br, b_bi, b_tr, b_ti)
     return _cdot(b_br, b_bi, b_f2r, b_f2i, PREC)
 
 
 @triton.jit
+def _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC: tl.constexpr):
+    """``(C @ conj(F2)) ∘ conj(T[k1])`` for a ``[BK, N2]`` spectrum block."""
+    b_dr, b_di = _cdot(b_cr, b_ci, b_f2r, -b_f2i, PREC)
+    return _cmul(b_dr, b_di, b_tr, -b_ti)
+
+
+@triton.jit
+def _spectrum_block(b_x, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC: tl.constexpr):
+    """Rows ``k1`` of the permuted spectrum of the real row ``b_x [N1H, N2]``: ``((F1[k1, :N1H] @ A) ∘ T) @ F2``."""
+    b_br = tl.dot(b_f1r, b_x, input_precision=PREC)
+    b_bi = tl.dot(b_f1i, b_x, input_precision=PREC)
+    return _finish_spectrum(b_br, b_bi, b_tr, b_ti, b_f2r, b_f2i, PREC)
+
+
+@triton.jit
 def _inverse_block(b_y, b_cr, b_ci, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC: tl.constexpr):
     """``b_y += Re(conj(F1)[:N1H, k1] @ ((C conj(F2)) ∘ conj(T)))`` for the spectrum block ``C [BK, N2]``."""
-    b_dr, b_di = _cdot(b_cr, b_ci, b_f2r, -b_f2i, PREC)
-    b_dr, b_di = _cmul(b_dr, b_di, b_tr, -b_ti)
+    b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC)
     # F1 is symmetric: conj(F1)[n1, k1] = conj(F1[k1, n1]); Re(conj(F) D) = Fr Dr + Fi Di.
     b_y = tl.dot(tl.trans(b_f1r), b_dr, acc=b_y, input_precision=PREC)
     return tl.dot(tl.trans(b_f1i), b_di, acc=b_y, input_precision=PREC)
@@ -95,6 +108,7 @@ def _fft_conv_kernel(
     f1,
     f2,
     tw,
+    B,
     H,
     N,
     N1: tl.constexpr,
@@ -104,36 +118,53 @@ def _fft_conv_kernel(
     HAS_SKIP: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``y[r] = IDFT(DFT(x[r]) ∘ khat[h])[:N] (+ skip[h] x[r])`` for row ``r = b * H + h`` of ``x, y: [B*H, N]``.
+    """``y[b, h] = IDFT(DFT(x[b, h]) ∘ khat[h])[:N] (+ skip[h] x[b, h])`` for ``x, y: [B, H, N]``.
 
-    ``khat: [H, 2, N1, N2]`` is the kernel's permuted spectrum over ``L`` (1/L folded in); ``CONJ`` multiplies by
-    its conjugate instead (the anti-causal correlation of the backward).
+    Each program takes two rows ``b, b + 1`` of one channel as one complex signal ``x[b] + i x[b + 1]``: the
+    kernel is real, so the real and imaginary parts of the result are the two convolutions, at the cost of one
+    (complex) transform. ``khat: [H, 2, N1, N2]`` is the kernel's permuted spectrum over ``L`` (1/L folded in);
+    ``CONJ`` multiplies by its conjugate instead (the anti-causal correlation of the backward).
     """
     N1H: tl.constexpr = N1 // 2
-    # The B programs of a channel run next to each other, so its spectrum khat[h] is read from HBM once.
+    # The programs of a channel run next to each other, so its spectrum khat[h] is read from HBM once.
     i_p = tl.program_id(0).to(tl.int64)
-    B = tl.num_programs(0) // H
-    i_h = i_p // B
-    i_r = (i_p % B) * H + i_h
+    NB2 = (B + 1) // 2
+    i_h, i_b = i_p // NB2, (i_p % NB2) * 2
     o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
     m_t = o_t < N
-    b_x = tl.load(x + i_r * N + o_t, mask=m_t, other=0.0).to(tl.float32)
+    # the second row exists only when B is even or this is not the last pair
+    m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
+    p_x = x + (i_b * H + i_h) * N + o_t
+    b_xr = tl.load(p_x, mask=m_t, other=0.0).to(tl.float32)
+    b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
     b_f2r, b_f2i = _load_f2(f2, N2)
-    b_y = tl.zeros([N1H, N2], dtype=tl.float32)
+    b_yr = tl.zeros([N1H, N2], dtype=tl.float32)
+    b_yi = tl.zeros([N1H, N2], dtype=tl.float32)
     o_c = tl.arange(0, BK)[:, None] * N2 + tl.arange(0, N2)[None, :]
     for i_k in range(0, N1 // BK):
         b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
-        b_cr, b_ci = _spectrum_block(b_x, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+        b_br, b_bi = _cdot(b_f1r, b_f1i, b_xr, b_xi, PREC)
+        b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr, b_ti, b_f2r, b_f2i, PREC)
         p_k = khat + i_h * (2 * N1 * N2) + i_k * BK * N2 + o_c
         b_kr = tl.load(p_k)
         b_ki = tl.load(p_k + N1 * N2)
         if CONJ:
             b_ki = -b_ki
         b_cr, b_ci = _cmul(b_cr, b_ci, b_kr, b_ki)
-        b_y = _inverse_block(b_y, b_cr, b_ci, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC)
+        b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC)
+        # Y += conj(F1)[:N1H, k1] @ D (F1 symmetric): re = Fr Dr + Fi Di, im = Fr Di - Fi Dr.
+        b_f1rt, b_f1it = tl.trans(b_f1r), tl.trans(b_f1i)
+        b_yr = tl.dot(b_f1rt, b_dr, acc=b_yr, input_precision=PREC)
+        b_yr = tl.dot(b_f1it, b_di, acc=b_yr, input_precision=PREC)
+        b_yi = tl.dot(b_f1rt, b_di, acc=b_yi, input_precision=PREC)
+        b_yi = tl.dot(-b_f1it, b_dr, acc=b_yi, input_precision=PREC)
     if HAS_SKIP:
-        b_y += tl.load(skip + i_h).to(tl.float32) * b_x
-    tl.store(y + i_r * N + o_t, b_y.to(y.dtype.element_ty), mask=m_t)
+        b_s = tl.load(skip + i_h).to(tl.float32)
+        b_yr += b_s * b_xr
+        b_yi += b_s * b_xi
+    p_y = y + (i_b * H + i_h) * N + o_t
+    tl.store(p_y, b_yr.to(y.dtype.element_ty), mask=m_t)
+    tl.store(p_y + H * N, b_yi.to(y.dtype.element_ty), mask=m_t2)
 
 
 @triton.jit
@@ -192,8 +223,9 @@ def _fft_corr_sum_kernel(
 
 
 def _factors(length: int) -> tuple[int, int, int, int]:
-    """``(N1, N2, BK, num_warps)`` for a transform of ``length``: ``N1 = 4 N2`` minimises the dot work
-    ``L (4 N1 + 16 N2)`` (first and last stages run on half the rows), ``N2`` at least 16 for ``tl.dot``."""
+    """``(N1, N2, BK, num_warps)`` for a transform of ``length``. Per row the convolution kernel does
+    ``L (4 N1 + 8 N2)`` flops (rows go in pairs) and the ``dk`` kernel ``L (4 N1 + 16 N2) / 2`` per input row, so
+    ``N1`` between ``2 N2`` and ``4 N2``; ``N2`` at least 16 for ``tl.dot``."""
     n2 = 16 if length <= 1024 else 32 if length <= 8192 else 64
     n1 = length // n2
     return n1, n2, min(n1, 32), 4 if length <= 2048 else 8
@@ -250,12 +282,13 @@ def fft_conv_triton_fwd(
     n1, n2, bk, warps = _factors(length)
     bk = min(block_k or bk, n1)
     with on_device:
-        _fft_conv_kernel[(b * h,)](
+        _fft_conv_kernel[(h * ((b + 1) // 2),)](
             u,
             kernel_spectrum(k, length),
             skip if skip is not None else u,
             out,
             *_constants(length, u.device),
+            b,
             h,
             n,
             N1=n1,
