@@ -10,7 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import tilewise
-from tilewise.memory import CATEGORIES, Recipe, SavedTensorCounter, estimate, measure_peak, plan_main
+from tilewise.memory import CATEGORIES, Recipe, SavedTensorCounter, estimate, format_comparison, measure_peak, plan_main
 from tilewise.nn import CONFIGS, build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -130,3 +130,40 @@ def test_estimate_errors() -> None:
         estimate("nope", Recipe())
     with pytest.raises(ValueError, match="unknown optim"):
         Recipe(optim="adam9bit")
+
+
+def test_saved_tensor_counter_counts_one_micro_batch() -> None:
+    """Gradient accumulation: each micro-batch's forward saves (and its backward frees) the same bytes, so the
+    counter reports one forward's, not their sum; weights and views of weights are never counted."""
+    torch.manual_seed(42)
+    model = build_model("tiny")
+    idx = torch.randint(0, 256, (2, 16))
+    one = SavedTensorCounter()
+    with one:
+        model(idx, targets=idx).backward()
+    three = SavedTensorCounter()
+    with three:
+        for _ in range(3):
+            model(idx, targets=idx).backward()
+    excluded = SavedTensorCounter(exclude=model.parameters())
+    with excluded:
+        model(idx, targets=idx).backward()
+    assert one.nbytes > 4 * 2 * 16 * 256  # at least the fp32 log-softmax [B·T, V]
+    assert three.nbytes == one.nbytes == excluded.nbytes
+    assert one.nbytes == pytest.approx(estimate("tiny", Recipe(batch_size=2, seq_len=16)).activations, rel=0.01)
+
+
+def test_format_comparison() -> None:
+    predicted = {"weights": 2**20, "gradients": 2**20, "optimizer_state": 2**21, "activations": 2**22, "other": 2**20}
+    predicted["total"] = sum(predicted.values())
+    measured = {"weights": 2**20, "gradients": 2**20, "optimizer_state": 2**20, "activations": 2**21, "other": 0}
+    measured["peak"] = sum(measured.values())
+    text = format_comparison(predicted, measured, measured_other=False).splitlines()
+    assert text[0].split() == ["category", "predicted", "MiB", "measured", "MiB", "measured/predicted"]
+    assert text[3].split() == ["optimizer_state", "2.00", "1.00", "0.50"]
+    assert text[5].split() == ["other", "1.00", "n/a", "-"]
+    assert text[6].split() == ["total", "w/o", "other", "8.00", "5.00", "0.62"]
+    table = format_comparison(predicted, {**measured, "other": 2**20, "peak": 6 * 2**20}, markdown=True).splitlines()
+    assert table[1] == "| --- | ---: | ---: | ---: |"
+    assert table[-2:] == ["| other | 1.00 | 1.00 | 1.00 |", "| total (peak) | 9.00 | 6.00 | 0.67 |"]
+    assert format_comparison(None, measured).splitlines()[1].split() == ["weights", "-", "1.00", "-"]

@@ -6,7 +6,7 @@ Example:
 """
 
 from tilewise.memory.estimate import CATEGORIES, OPTIMIZERS, Breakdown, Recipe, estimate, plan_main
-from tilewise.memory.measure import SavedTensorCounter, measure_peak, tensor_bytes
+from tilewise.memory.measure import SavedTensorCounter, format_comparison, measure_peak, tensor_bytes
 
 __all__ = [
     "CATEGORIES",
@@ -15,6 +15,7 @@ __all__ = [
     "Recipe",
     "SavedTensorCounter",
     "estimate",
+    "format_comparison",
     "measure_peak",
     "plan_main",
     "tensor_bytes",

@@ -2,23 +2,33 @@
 
 On CUDA the peak is ``torch.cuda.max_memory_allocated``; on the CPU (no allocator statistics) it is tensor
 accounting: parameter, gradient and optimizer-state bytes, plus the unique storages that autograd saves for
-backward while ``fn`` runs (``torch.autograd.graph.saved_tensors_hooks``).
+backward while ``fn`` runs (``torch.autograd.graph.saved_tensors_hooks``). DTensor parameters and optimizer state
+(FSDP2) count their local shards: the bytes this process holds.
 
 Example:
     >>> def step():
     ...     model(idx, targets=idx).backward()
     ...     opt.step()
-    >>> measure_peak(step, model=model, optimizer=opt)["activations"]
+    >>> measured = measure_peak(step, model=model, optimizer=opt)
+    >>> print(format_comparison(estimate("tiny", Recipe(batch_size=2, seq_len=16)).as_dict(), measured))
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["SavedTensorCounter", "measure_peak", "tensor_bytes"]
+from tilewise.memory.estimate import CATEGORIES
+
+__all__ = ["SavedTensorCounter", "format_comparison", "measure_peak", "tensor_bytes"]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2, tensor parallel); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -28,7 +38,7 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
     seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
+    for t in map(_local, tensors):
         if t.device.type != "meta" and t.numel():
             seen[_storage_key(t)] = t.untyped_storage().nbytes()
     return sum(seen.values())
@@ -37,25 +47,41 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 class SavedTensorCounter(torch.autograd.graph.saved_tensors_hooks):
     """Context manager summing the distinct storages autograd saves for backward, parameters excluded.
 
-    ``nbytes`` is the total over everything saved inside the context: for a forward pass, what is held for
-    backward at its end.
+    ``nbytes`` is, over the forward passes run inside the context, the largest total saved by one of them: what
+    is held for backward at the end of that forward. A forward begins at the first save after a backward has
+    started reading saved tensors, so gradient-accumulation micro-batches count once, not summed; saves made
+    inside a backward (a reentrant checkpoint's recomputation) add to the pass they belong to.
+
+    Not counted: ``exclude``'s storages, parameters and views of parameters (FSDP2's gathered weights are
+    parameters while a block runs), and what ``torch.utils.checkpoint(use_reentrant=False)`` keeps: its own
+    hooks replace these inside a checkpointed region.
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
-        self._exclude = {_storage_key(t) for t in exclude}
+        self._exclude = {_storage_key(t) for t in map(_local, exclude)}
         self._seen: dict[tuple[str, int], int] = {}
-        super().__init__(self._pack, lambda t: t)
+        self._peak = 0
+        self._unpacked = False
+        super().__init__(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta":
-            key = _storage_key(t)
+        if self._unpacked and torch._C._current_graph_task_id() == -1:  # a new forward, after a backward
+            self._peak, self._seen, self._unpacked = self.nbytes, {}, False
+        local = _local(t)
+        is_weight = isinstance(local, torch.nn.Parameter) or isinstance(local._base, torch.nn.Parameter)
+        if local.device.type != "meta" and not is_weight:
+            key = _storage_key(local)
             if key not in self._exclude:
-                self._seen.setdefault(key, t.untyped_storage().nbytes())
+                self._seen.setdefault(key, local.untyped_storage().nbytes())
+        return t
+
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        self._unpacked = True
         return t
 
     @property
     def nbytes(self) -> int:
-        return sum(self._seen.values())
+        return max(self._peak, sum(self._seen.values()))
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
@@ -80,8 +106,9 @@ def measure_peak(
         device: ``"cuda"`` uses the CUDA allocator statistics; default: the model's device, else CPU.
 
     Returns:
-        ``weights``, ``gradients``, ``optimizer_state``, ``activations`` (distinct storages saved for backward),
-        ``other`` (on CUDA: the measured peak minus the four; 0 on the CPU) and ``peak``.
+        ``weights``, ``gradients``, ``optimizer_state``, ``activations`` (distinct storages saved for backward by
+        the largest forward pass: see :class:`SavedTensorCounter`), ``other`` (on CUDA: the measured peak minus the
+        four, at least 0; 0 on the CPU, where nothing measures it) and ``peak`` (on the CPU: the sum of the four).
     """
     params = list(model.parameters()) if model is not None else []
     if device is None:
@@ -109,3 +136,41 @@ def measure_peak(
         out["other"] = 0
         out["peak"] = sum(out.values())
     return out
+
+
+def format_comparison(
+    predicted: Mapping[str, int] | None,
+    measured: Mapping[str, int],
+    *,
+    markdown: bool = False,
+    measured_other: bool = True,
+) -> str:
+    """Predicted beside measured bytes per category in MiB, and their ratio; the last row compares the totals.
+
+    Args:
+        predicted: bytes per category of :data:`~tilewise.memory.estimate.CATEGORIES`, e.g.
+            ``Breakdown.as_dict()``; its ``total`` (else the categories' sum) is the predicted peak. None: no
+            prediction (cells read ``-``).
+        measured: :func:`measure_peak`'s dict; its ``peak`` is the measured peak.
+        markdown: a Markdown table (for a report) instead of aligned text.
+        measured_other: False where ``other`` is not measured (the CPU): that cell reads ``n/a`` and the last row
+            compares the totals without it.
+    """
+    rows: list[tuple[str, int | None, int | None]] = []
+    for c in CATEGORIES:
+        rows.append((c, predicted[c] if predicted else None, measured[c] if c != "other" or measured_other else None))
+    total = predicted.get("total", sum(predicted[c] for c in CATEGORIES)) if predicted else None
+    if measured_other:
+        rows.append(("total (peak)", total, measured["peak"]))
+    else:  # compare like with like: the measured peak then holds no `other`
+        rows.append(("total w/o other", None if total is None else total - predicted["other"], measured["peak"]))
+    cells = [("category", "predicted MiB", "measured MiB", "measured/predicted")]
+    for name, pred, meas in rows:
+        ratio = f"{meas / pred:.2f}" if meas is not None and pred else "-"
+        pred_text = "-" if pred is None else f"{pred / 2**20:,.2f}"
+        cells.append((name, pred_text, "n/a" if meas is None else f"{meas / 2**20:,.2f}", ratio))
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        lines.insert(1, "| --- | ---: | ---: | ---: |")
+        return "\n".join(lines)
+    return "\n".join(f"{a:<16} {b:>14} {c:>14} {d:>19}" for a, b, c, d in cells)
