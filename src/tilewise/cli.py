@@ -4,6 +4,9 @@ tilewise env [--json]                  what this machine offers (tilewise.envinf
 tilewise demo [--codebooks ...]        every codebook on one tensor, side by side (tilewise.quant.demo)
 tilewise bench SUITE [--json PATH]     our ops beside the installed peers (tilewise.bench)
 tilewise train [--steps N ...]         train a byte-level LM into one run directory (tilewise.train)
+tilewise plan [--model M ...]          predict a training recipe's memory (tilewise.memory)
+
+Data parallel: ``torchrun --nproc-per-node N -m tilewise train --dist ddp|fsdp ...`` (also ``python -m tilewise``).
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from tilewise.train.distributed import DIST_MODES
     from tilewise.train.trainer import OPTIMIZERS
 
     # Every default is None here: unset flags take TrainConfig's default, or the resumed run's config.
@@ -152,7 +156,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixer", help="token mixer, e.g. attention or pooling (default: the model's)")
     p.add_argument("--optim", choices=OPTIMIZERS, help="optimizer (default: adamw, torch's)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps in the run (default: 600)")
-    p.add_argument("--batch-size", type=_positive_int, help="sequences per micro-batch (default: 16)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, help="sequences per micro-batch, over all ranks with --dist (default: 16)"
+    )
     p.add_argument("--seq-len", type=_positive_int, help="bytes per sequence (default: 128)")
     p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (default: 1)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 for AdamW, 3e-4 for Lion)")
@@ -175,6 +181,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default: runs/<model>-<date>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
     p.add_argument("--stop-after", type=_positive_int, help="stop this invocation after this many steps (resumable)")
+    p.add_argument(
+        "--dist",
+        choices=DIST_MODES,
+        help="data parallel under torchrun: ddp (replicated) or fsdp (sharded, FSDP2); gloo on CPU, NCCL on CUDA",
+    )
     p.set_defaults(handler=_cmd_train)
 
 

@@ -1,9 +1,10 @@
 """Run-directory checkpoints: the model as safetensors, the optimizer and trainer state as plain tensors.
 
-A checkpoint is a folder ``<run>/checkpoints/step-NNNNNNN`` holding ``model.safetensors`` (the model's
-``state_dict``), ``optimizer.pt`` (``optimizer.state_dict()``) and ``trainer.pt`` (step, RNG states), the last two
-loadable with ``torch.load(weights_only=True)``. It is written into a hidden temporary folder beside it and renamed
-into place, so a reader (or a resume after a crash) never sees half of one.
+A checkpoint is a folder ``<run>/checkpoints/step-NNNNNNN`` holding ``model.safetensors`` (the model's state dict),
+``optimizer.pt`` (the optimizer's state dict keyed by parameter name, as
+``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` gives it) and ``trainer.pt`` (step, RNG
+states), the last two loadable with ``torch.load(weights_only=True)``. It is written into a hidden temporary folder
+beside it and renamed into place, so a reader (or a resume after a crash) never sees half of one.
 
 The safetensors file is written and read here (the format is an 8-byte header length, a JSON header, then the raw
 bytes), so the core package needs no dependency beyond torch; the ``safetensors`` package reads it unchanged.
@@ -101,7 +102,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def write_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
 ) -> Path:
     """Write ``<run_dir>/checkpoints/step-<step>`` atomically (temporary folder, then rename); returns its path."""
     folder = run_dir / "checkpoints"
@@ -109,8 +114,8 @@ def write_checkpoint(
     final = folder / f"{_PREFIX}{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
     try:
-        save_safetensors(model.state_dict(), tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_safetensors(model_state, tmp / "model.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(trainer_state, tmp / "trainer.pt")
         if final.exists():
             shutil.rmtree(final)

@@ -7,7 +7,12 @@ One run directory holds everything a run writes:
   per evaluation (``"val_loss"``, ``"val_bpb"``);
 - ``checkpoints/step-NNNNNNN/``: ``model.safetensors``, ``optimizer.pt``, ``trainer.pt`` (see
   :mod:`tilewise.train.checkpoint`); the newest ``keep_last`` are kept;
-- ``loss.png`` (with the ``plot`` extra, matplotlib) and ``report.md``.
+- ``report.md``, with the memory of one step measured beside :func:`tilewise.memory.estimate`'s prediction (also a
+  ``metrics.jsonl`` row ``{"step": N, "memory": {...}}``; see :mod:`tilewise.train.report`), and ``loss.png`` and
+  ``memory.png`` with the ``plot`` extra (matplotlib).
+
+Data parallel: ``dist="ddp"`` or ``"fsdp"`` under torchrun (``torchrun --nproc-per-node N -m tilewise train --dist
+ddp``); ``batch_size`` stays the global batch, split evenly over the ranks (see :mod:`tilewise.train.distributed`).
 
 Resume is exact: the batch sampler's generator, torch's RNG states and the step are saved with the model and the
 optimizer, and the learning rate is a pure function of the step, so on the CPU a resumed run repeats the losses of
@@ -16,6 +21,7 @@ forward/backward passes writes a checkpoint of the last completed step before th
 
 Example:
     >>> run_dir = train(TrainConfig(steps=200, out="runs/demo"))
+    >>> print((run_dir / "report.md").read_text())
     >>> run_dir = train(dataclasses.replace(load_config("runs/demo"), steps=400, resume="runs/demo"))
 """
 
@@ -37,9 +43,22 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tilewise.memory import measure_peak
 from tilewise.nn import build_model
 from tilewise.train.checkpoint import latest_checkpoint, prune_checkpoints, read_checkpoint, write_checkpoint
 from tilewise.train.corpus import Corpus, build_corpus
+from tilewise.train.distributed import (
+    DIST_MODES,
+    Dist,
+    full_state,
+    full_value,
+    init_distributed,
+    load_full_state,
+    no_sync,
+    shutdown,
+    wrap_model,
+)
+from tilewise.train.report import memory_row, read_metrics, write_report
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "load_config", "train"]
 
@@ -62,7 +81,8 @@ class TrainConfig:
         mixer: replaces the model's token mixer (e.g. ``"pooling"``); None keeps the config's (attention).
         optim: one of :data:`OPTIMIZERS` (default ``"adamw"``, torch's).
         steps: optimizer steps in the whole run; the cosine schedule ends there (default 600).
-        batch_size: sequences per micro-batch (default 16).
+        batch_size: sequences per micro-batch (default 16); with ``dist``, over all ranks together (a multiple of
+            their number, each rank taking an equal slice).
         seq_len: bytes per sequence (default 128).
         grad_accum: micro-batches per optimizer step (default 1); tokens per step = batch_size·seq_len·grad_accum.
         lr: peak learning rate; None picks 3e-3 for the AdamW variants and 3e-4 for Lion.
@@ -85,6 +105,8 @@ class TrainConfig:
         resume: a run directory to continue from its newest checkpoint (the run then writes there).
         stop_after: end this invocation after this many steps (with a checkpoint), to resume later; None runs to
             ``steps``.
+        dist: ``"ddp"`` or ``"fsdp"`` to train data-parallel under torchrun (:data:`DIST_MODES`); None for one
+            process.
     """
 
     model: str = "tiny"
@@ -113,10 +135,13 @@ class TrainConfig:
     out: str | None = None
     resume: str | None = None
     stop_after: int | None = None
+    dist: str | None = None
 
     def __post_init__(self) -> None:
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        if self.dist is not None and self.dist not in DIST_MODES:
+            raise ValueError(f"dist must be one of {', '.join(DIST_MODES)} or None, got {self.dist!r}")
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every")
         for name in (*positive, "save_every", "keep_last"):
             if getattr(self, name) < 1:
@@ -174,6 +199,28 @@ def _build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim
     return tw.AdamW(groups, lr=lr, betas=(0.9, 0.95), state_bits=bits)
 
 
+def _check_even_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Dist) -> None:
+    """Under FSDP, refuse 8/4-bit state on a parameter whose first dim does not split evenly over the ranks: its
+    per-shard codes stay local tensors that no full checkpoint can gather."""
+    if ctx.mode != "fsdp":
+        return
+    from tilewise.ops.optim_step import QUANT_FORMATS
+    from tilewise.optim._base import resolve_state_format
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        fmt = resolve_state_format(group["state_bits"], group["state_format"]) if "state_bits" in group else "torch"
+        if fmt not in QUANT_FORMATS:
+            continue
+        for p in group["params"]:
+            if p.numel() >= group["min_quant_numel"] and p.shape[0] % ctx.world_size:
+                raise ValueError(
+                    f"--dist fsdp with {ctx.world_size} ranks splits {names[id(p)]} {tuple(p.shape)} unevenly, and its "
+                    "quantized optimizer state could not be checkpointed; use a number of ranks that divides its "
+                    "first dim, --dist ddp, or --optim adamw / tw-adamw"
+                )
+
+
 def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each block of ``model.layers`` in the backward pass (non-reentrant ``torch.utils.checkpoint``)."""
     for layer in model.layers:
@@ -181,6 +228,7 @@ def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def _resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when present, else the CPU; any other name as torch reads it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -204,11 +252,15 @@ def _memory_mib(device: torch.device) -> float:
 
 
 class _Progress:
-    """A one-line carriage-return display on a terminal; a log line every ``log_every`` steps otherwise."""
+    """A one-line carriage-return display on a terminal; a log line every ``log_every`` steps otherwise.
 
-    def __init__(self, total: int, log_every: int) -> None:
+    Silent when not ``enabled`` (every rank but 0).
+    """
+
+    def __init__(self, total: int, log_every: int, enabled: bool = True) -> None:
         self.total = total
         self.log_every = log_every
+        self.enabled = enabled
         self.tty = sys.stdout.isatty()
 
     def update(self, row: dict[str, Any], mem_mib: float) -> None:
@@ -217,6 +269,8 @@ class _Progress:
             f"step {step}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
             f"{row['tokens_per_s']:,.0f} tok/s  mem {mem_mib:,.0f} MiB"
         )
+        if not self.enabled:
+            return
         if self.tty:
             sys.stdout.write(f"\r\033[K{text}")
             sys.stdout.flush()
@@ -224,6 +278,8 @@ class _Progress:
             print(text, flush=True)
 
     def message(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self.tty:
             sys.stdout.write("\r\033[K")
         print(text, flush=True)
@@ -239,7 +295,9 @@ class _State:
     elapsed_s: float = 0.0
 
 
-def _trainer_state(state: _State, generator_state: torch.Tensor, cpu_rng: torch.Tensor) -> dict[str, Any]:
+def _trainer_state(
+    state: _State, generator_state: torch.Tensor, cpu_rng: torch.Tensor, device: torch.device
+) -> dict[str, Any]:
     saved: dict[str, Any] = {
         "step": torch.tensor(state.step),
         "tokens": torch.tensor(state.tokens),
@@ -247,37 +305,37 @@ def _trainer_state(state: _State, generator_state: torch.Tensor, cpu_rng: torch.
         "generator": generator_state,
         "torch_rng": cpu_rng,
     }
-    if torch.cuda.is_available():
-        saved["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # the training device's only: reading every GPU's would create a context on each
+        saved["cuda_rng"] = torch.cuda.get_rng_state(device)
     return saved
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, corpus: Corpus, config: TrainConfig, device: torch.device) -> float:
-    """Mean validation loss (nats per byte) over ``eval_batches`` fixed batches; the training RNGs are untouched."""
+def evaluate(
+    model: torch.nn.Module, corpus: Corpus, config: TrainConfig, device: torch.device, ctx: Dist | None = None
+) -> float:
+    """Mean validation loss (nats per byte) over ``eval_batches`` fixed batches; the training RNGs are untouched.
+
+    With ``ctx`` (data parallel) every rank evaluates its slice of each batch and the result is the mean over all.
+    """
+    ctx = ctx or Dist()
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(config.seed + 1)
+    rows = ctx.rows(config.batch_size)
     total = 0.0
     for _ in range(config.eval_batches):
         x, y = corpus.batch("val", config.batch_size, config.seq_len, generator)
         with _autocast(device):
-            total += float(model(x.to(device), y.to(device)))
+            total += float(model(x[rows].to(device), y[rows].to(device)))
     model.train(was_training)
-    return total / config.eval_batches
+    return ctx.mean(total / config.eval_batches, device)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
 def _setup(config: TrainConfig) -> tuple[Path, TrainConfig]:
@@ -296,16 +354,34 @@ def _setup(config: TrainConfig) -> tuple[Path, TrainConfig]:
             warnings.warn(
                 f"resuming {run_dir} with changed {', '.join(changed)}: the losses will differ from an uninterrupted "
                 "run's",
-                stacklevel=3,
+                stacklevel=5,  # the caller of train()
             )
     config = dataclasses.replace(config, out=str(run_dir))
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
     return run_dir, config
 
 
-def _micro_batches(corpus: Corpus, config: TrainConfig, state: _State) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for _ in range(config.grad_accum):
-        yield corpus.batch("train", config.batch_size, config.seq_len, state.generator)
+def _setup_on_rank0(config: TrainConfig, ctx: Dist) -> tuple[Path, TrainConfig]:
+    """:func:`_setup` on rank 0, its outcome (the run directory, or the error) on every rank."""
+    outcome: tuple[Path, TrainConfig] | ValueError | None = None
+    if ctx.main:
+        try:
+            outcome = _setup(config)
+        except ValueError as err:
+            outcome = err
+    outcome = ctx.broadcast(outcome)
+    if isinstance(outcome, ValueError):
+        raise outcome
+    return outcome
+
+
+def _corpus(config: TrainConfig, ctx: Dist) -> Corpus:
+    """The corpus, built (and cached) by rank 0 before the other ranks read the cache."""
+    corpus = build_corpus(config.data, cache_dir=config.cache_dir, max_bytes=config.max_bytes) if ctx.main else None
+    ctx.barrier()
+    if corpus is None:
+        corpus = build_corpus(config.data, cache_dir=config.cache_dir, max_bytes=config.max_bytes)
+    return corpus
 
 
 def train(config: TrainConfig, callback: Callable[[dict[str, Any]], None] | None = None) -> Path:
@@ -313,171 +389,212 @@ def train(config: TrainConfig, callback: Callable[[dict[str, Any]], None] | None
 
     Args:
         config: the run's settings; with ``config.resume`` set, the run continues from that directory's newest
-            checkpoint and writes there.
+            checkpoint and writes there. With ``config.dist``, run one process per rank under torchrun.
         callback: called with each step's metrics row after the step; raising ``KeyboardInterrupt`` from it acts
             like Ctrl-C (a checkpoint of that step is written, then the exception propagates).
 
     Raises:
-        ValueError: bad settings, a resume directory without a checkpoint, or ``out`` already holding a run.
+        ValueError: bad settings, a resume directory without a checkpoint, ``out`` already holding a run, or a
+            ``batch_size`` that the ranks cannot split evenly.
         KeyboardInterrupt: after writing a checkpoint, on Ctrl-C.
     """
-    run_dir, config = _setup(config)
-    device = _resolve_device(config.device)
+    ctx, device = init_distributed(config.dist, _resolve_device(config.device))
+    try:
+        if config.batch_size % ctx.world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} is the global batch: make it a multiple of the {ctx.world_size} ranks"
+            )
+        return _train(config, callback, ctx, device)
+    finally:
+        shutdown(ctx)
+
+
+def _train(
+    config: TrainConfig, callback: Callable[[dict[str, Any]], None] | None, ctx: Dist, device: torch.device
+) -> Path:
+    run_dir, config = _setup_on_rank0(config, ctx)
     torch.manual_seed(config.seed)
-    corpus = build_corpus(config.data, cache_dir=config.cache_dir, max_bytes=config.max_bytes)
+    corpus = _corpus(config, ctx)
     model = build_model(config.model, mixer=config.mixer, device=device)
     if config.seq_len > model.config.max_seq_len:
         raise ValueError(f"seq_len {config.seq_len} exceeds the {config.model} model's max_seq_len")
     if config.activation_checkpointing:
         _enable_activation_checkpointing(model)
+    header = f"{config.model} ({model.num_params():,} parameters) on {device}"
+    model = wrap_model(model, ctx, device)
     optimizer = _build_optimizer(model, config)
+    _check_even_shards(model, optimizer, ctx)
     state = _State(0, torch.Generator().manual_seed(config.seed))
     if config.resume is not None:
-        _restore(run_dir, model, optimizer, state)
-    metrics_path = run_dir / "metrics.jsonl"
-    rows = _read_metrics(metrics_path, up_to_step=state.step)  # drop rows logged after the checkpoint
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    baseline = corpus.unigram_bits_per_byte("val")
-    progress = _Progress(config.steps, config.log_every)
-    progress.message(
-        f"{config.model} ({model.num_params():,} parameters) on {device}, {config.optim}, corpus: {corpus.description}"
-    )
-    _loop(config, model, optimizer, corpus, state, device, run_dir, progress, callback)
-    _finish(run_dir, config, baseline, progress)
+        _restore(run_dir, model, optimizer, state, ctx, device)
+    if ctx.main:
+        metrics_path = run_dir / "metrics.jsonl"
+        rows = read_metrics(metrics_path, up_to_step=state.step)  # drop rows logged after the checkpoint
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    progress = _Progress(config.steps, config.log_every, enabled=ctx.main)
+    if ctx.mode is not None:
+        ranks = f"{ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}"
+        header += f" × {ranks} ({ctx.mode}, {torch.distributed.get_backend()})"
+    progress.message(f"{header}, {config.optim}, corpus: {corpus.description}")
+    _Loop(config, model, optimizer, corpus, state, device, run_dir, progress, ctx).run(callback)
+    if ctx.main:
+        for line in write_report(run_dir, config, corpus.unigram_bits_per_byte("val"), ctx):
+            progress.message(line)
+        progress.message(str(run_dir))
+    ctx.barrier()
     return run_dir
 
 
-def _restore(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: _State) -> None:
+def _restore(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: _State,
+    ctx: Dist,
+    device: torch.device,
+) -> None:
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise ValueError(f"{run_dir} has no checkpoint to resume from; start a new run instead")
     model_state, optimizer_state, saved = read_checkpoint(folder)
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(optimizer_state)
+    load_full_state(model, optimizer, model_state, optimizer_state, ctx)
     state.step = int(saved["step"])
     state.tokens = int(saved["tokens"])
     state.elapsed_s = float(saved["elapsed_s"])
     state.generator.set_state(saved["generator"])
-    torch.set_rng_state(saved["torch_rng"])
-    if "cuda_rng" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    torch.set_rng_state(saved["torch_rng"])  # after the load: torch may take a zero-lr step to lay out the state
+    if "cuda_rng" in saved and device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
 
 
-def _loop(
-    config: TrainConfig,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    corpus: Corpus,
-    state: _State,
-    device: torch.device,
-    run_dir: Path,
-    progress: _Progress,
-    callback: Callable[[dict[str, Any]], None] | None,
-) -> None:
-    """Run optimizer steps from ``state.step``; checkpoint periodically, at the end and on KeyboardInterrupt."""
-    end = config.steps if config.stop_after is None else min(config.steps, state.step + config.stop_after)
-    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
-    model.train()
+class _Loop:
+    """The optimizer steps of one invocation: micro-batches, update, log, evaluation, checkpoints, Ctrl-C, and the
+    memory measurement of one step."""
 
-    def save() -> None:
-        write_checkpoint(run_dir, state.step, model, optimizer, _trainer_state(state, *snapshot))
-        prune_checkpoints(run_dir, config.keep_last)
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        corpus: Corpus,
+        state: _State,
+        device: torch.device,
+        run_dir: Path,
+        progress: _Progress,
+        ctx: Dist,
+    ) -> None:
+        self.config, self.model, self.optimizer, self.corpus = config, model, optimizer, corpus
+        self.state, self.device, self.run_dir, self.progress, self.ctx = state, device, run_dir, progress, ctx
+        self.in_update = False  # between the first parameter update of a step and its end
+        self.snapshot = (state.generator.get_state(), torch.get_rng_state())  # RNG states at the last step boundary
 
-    with open(run_dir / "metrics.jsonl", "a") as log:
-        snapshot = (state.generator.get_state(), torch.get_rng_state())  # RNG states at the last step boundary
-        in_update = False
+    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's slices of the step's ``grad_accum`` micro-batches (every rank draws the whole batch)."""
+        rows = self.ctx.rows(self.config.batch_size)
+        for _ in range(self.config.grad_accum):
+            x, y = self.corpus.batch("train", self.config.batch_size, self.config.seq_len, self.state.generator)
+            yield x[rows].to(self.device), y[rows].to(self.device)
+
+    def _step(self, lr: float) -> tuple[float, float]:
+        """Forward and backward over the micro-batches, clip, update; returns (this rank's loss, grad norm).
+
+        The gradients are left in place (the memory measurement reads them); the caller zeroes them.
+        """
+        loss = 0.0
+        for i, (x, y) in enumerate(self._micro_batches()):
+            with no_sync(self.model, self.ctx, last=i == self.config.grad_accum - 1):
+                with _autocast(self.device):
+                    micro = self.model(x, y) / self.config.grad_accum
+                micro.backward()  # outside autocast, as torch recommends
+            loss += float(micro.detach())
+        self.in_update = True  # an interrupt from here on leaves a half-updated model: no checkpoint of it
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or float("inf"))
+        self.optimizer.step()
+        return loss, full_value(norm)
+
+    def _measured_step(self, lr: float) -> tuple[float, float, dict[str, Any]]:
+        """:meth:`_step` under :func:`tilewise.memory.measure_peak`; the third value is the metrics row."""
+        out: list[tuple[float, float]] = []
+        measured = measure_peak(lambda: out.append(self._step(lr)), model=self.model, optimizer=self.optimizer)
+        row = memory_row(self.state.step + 1, measured, self.config, self.ctx, self.device)
+        return *out[0], row
+
+    def _save(self) -> None:
+        """A checkpoint of the last completed step: state gathered on every rank under FSDP, written by rank 0."""
+        model_state, optimizer_state = full_state(self.model, self.optimizer, self.ctx)
+        if self.ctx.main:
+            trainer_state = _trainer_state(self.state, *self.snapshot, self.device)
+            write_checkpoint(self.run_dir, self.state.step, model_state, optimizer_state, trainer_state)
+            prune_checkpoints(self.run_dir, self.config.keep_last)
+
+    def run(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        """Run optimizer steps from ``state.step``; checkpoint periodically, at the end and on KeyboardInterrupt."""
+        config, state = self.config, self.state
+        self.saved_step = state.step  # a fresh run's step 0, or the checkpoint resumed from
+        self.end = config.steps if config.stop_after is None else min(config.steps, state.step + config.stop_after)
+        # measure once the optimizer state exists (the second step of a fresh run), or the only step
+        measure_at = state.step if self.optimizer.state or self.end - state.step < 2 else state.step + 1
+        self.model.train()
+        log = open(self.run_dir / "metrics.jsonl", "a") if self.ctx.main else None  # noqa: SIM115 -- rank 0 only
         try:
-            while state.step < end:
-                start = time.perf_counter()
-                loss = 0.0
-                for x, y in _micro_batches(corpus, config, state):
-                    with _autocast(device):
-                        micro = model(x.to(device), y.to(device)) / config.grad_accum
-                    micro.backward()
-                    loss += float(micro.detach())
-                lr = lr_at(state.step, config)
-                in_update = True  # an interrupt from here on leaves a half-updated model: no checkpoint of it
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                seconds = time.perf_counter() - start
-                state.step += 1
-                state.tokens += tokens_per_step
-                state.elapsed_s += seconds
-                snapshot = (state.generator.get_state(), torch.get_rng_state())
-                in_update = False
-                row = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": float(norm)}
-                row |= {"tokens": state.tokens, "tokens_per_s": tokens_per_step / seconds, "elapsed_s": state.elapsed_s}
-                log.write(json.dumps(row) + "\n")
-                progress.update(row, _memory_mib(device))
-                if state.step % config.eval_every == 0 or state.step == config.steps:
-                    val = evaluate(model, corpus, config, device)
-                    eval_row = {"step": state.step, "val_loss": val, "val_bpb": val / math.log(2)}
-                    log.write(json.dumps(eval_row) + "\n")
-                    progress.message(f"step {state.step}: val loss {val:.4f}, {eval_row['val_bpb']:.3f} bits/byte")
-                log.flush()
-                if state.step % config.save_every == 0 or state.step == end:
-                    save()
+            while state.step < self.end:
+                row = self._one_step(log, measure=state.step == measure_at)
                 if callback is not None:
                     callback(row)
         except KeyboardInterrupt:
-            optimizer.zero_grad(set_to_none=True)
-            log.flush()
-            if in_update:
-                progress.message("interrupted during an optimizer step; the newest earlier checkpoint is kept")
-            else:
-                save()
-                progress.message(f"interrupted: checkpoint of step {state.step} written; resume with --resume")
-            progress.message(str(run_dir))
+            self._interrupted()
             raise
+        finally:
+            if log is not None:
+                log.close()
 
+    def _one_step(self, log: Any, measure: bool) -> dict[str, Any]:
+        """One optimizer step, its log rows, an evaluation and a checkpoint when due; returns the step's row."""
+        config, state = self.config, self.state
+        tick = time.perf_counter()
+        lr = lr_at(state.step, config)
+        if measure:
+            loss, norm, memory = self._measured_step(lr)
+        else:
+            (loss, norm), memory = self._step(lr), None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.ctx.mean(loss, self.device)
+        seconds = time.perf_counter() - tick
+        tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+        state.step += 1
+        state.tokens += tokens_per_step
+        state.elapsed_s += seconds
+        self.snapshot = (state.generator.get_state(), torch.get_rng_state())
+        self.in_update = False
+        row = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": norm}
+        row |= {"tokens": state.tokens, "tokens_per_s": tokens_per_step / seconds, "elapsed_s": state.elapsed_s}
+        rows = [row] if memory is None else [row, memory]
+        self.progress.update(row, _memory_mib(self.device))
+        if state.step % config.eval_every == 0 or state.step == config.steps:
+            val = evaluate(self.model, self.corpus, config, self.device, self.ctx)
+            rows.append({"step": state.step, "val_loss": val, "val_bpb": val / math.log(2)})
+            self.progress.message(f"step {state.step}: val loss {val:.4f}, {rows[-1]['val_bpb']:.3f} bits/byte")
+        if log is not None:
+            log.write("".join(json.dumps(r) + "\n" for r in rows))
+            log.flush()
+        if state.step % config.save_every == 0 or state.step == self.end:
+            self._save()
+            self.saved_step = state.step
+        return row
 
-def _finish(run_dir: Path, config: TrainConfig, baseline: float, progress: _Progress) -> None:
-    """Write the loss curve (with matplotlib) and report.md; print the summary and, last, the run directory."""
-    rows = _read_metrics(run_dir / "metrics.jsonl")
-    train_rows = [r for r in rows if "loss" in r]
-    val_rows = [r for r in rows if "val_bpb" in r]
-    plotted = _plot(run_dir / "loss.png", train_rows, val_rows, baseline)
-    last = train_rows[-1] if train_rows else {}
-    val = val_rows[-1] if val_rows else None
-    lines = [
-        f"# tilewise train: {config.model}",
-        "",
-        f"- steps: {last.get('step', 0)} of {config.steps}, {last.get('tokens', 0):,} tokens (bytes), "
-        f"{last.get('elapsed_s', 0.0):.1f} s of training",
-        f"- model: {config.model}, mixer: {config.mixer or 'default'}, optimizer: {config.optim}, peak lr "
-        f"{config.peak_lr:g}, batch {config.batch_size} × {config.seq_len} × {config.grad_accum}",
-        f"- final train loss: {last.get('loss', float('nan')):.4f} nats/byte",
-        f"- validation: {val['val_bpb']:.3f} bits/byte at step {val['step']}" if val else "- validation: not run",
-        f"- unigram baseline (byte frequencies): {baseline:.3f} bits/byte",
-        "- loss curve: loss.png" if plotted else "- loss curve: skipped (install the `plot` extra: matplotlib)",
-        "",
-        "Files: config.json, metrics.jsonl, checkpoints/, report.md.",
-    ]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-    if val:
-        progress.message(f"val {val['val_bpb']:.3f} bits/byte (unigram baseline {baseline:.3f})")
-    progress.message(str(run_dir))
-
-
-def _plot(path: Path, train_rows: list[dict], val_rows: list[dict], baseline: float) -> bool:
-    """Train and validation loss in bits per byte against step; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train_rows], [r["loss"] / math.log(2) for r in train_rows], label="train")
-    ax.plot([r["step"] for r in val_rows], [r["val_bpb"] for r in val_rows], "o-", label="validation")
-    ax.axhline(baseline, color="gray", linestyle="--", label="unigram baseline")
-    ax.set(xlabel="step", ylabel="bits per byte")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    def _interrupted(self) -> None:
+        """On KeyboardInterrupt: a checkpoint of the last completed step where one can be written."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.in_update:
+            self.progress.message("interrupted during an optimizer step; the newest earlier checkpoint is kept")
+        elif self.state.step == self.saved_step:
+            self.progress.message(f"interrupted at step {self.state.step}: nothing newer to save")
+        elif self.ctx.mode == "fsdp":  # gathering the shards needs every rank, which may be anywhere now
+            self.progress.message("interrupted: under fsdp the newest periodic checkpoint is kept")
+        else:
+            if self.ctx.main:  # DDP: rank 0 holds the whole state
+                self._save()
+            self.progress.message(f"interrupted: checkpoint of step {self.state.step} written; resume with --resume")
+        self.progress.message(str(self.run_dir))
