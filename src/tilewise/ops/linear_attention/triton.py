@@ -39,7 +39,8 @@ def _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_VARLEN
     else:
         NT = tl.cdiv(T, BT)
         i_n, i_t = i_c // NT, i_c % NT
-        bos = i_n * T
+        # int64: (token * H + head) * D can pass 2**31.
+        bos = i_n.to(tl.int64) * T
     return bos, T, i_t
 
 
@@ -260,7 +261,7 @@ def _chunk_bwd_dqk_kernel(
     if USE_G:
         # dG for this K block; the host sums the blocks. Masked rows are 0 in q, k.
         b_dg = tl.sum(b_q * b_dq - b_k * b_dk, 1)
-        tl.store(dg + (i_k * T_all + bos + o_t) * H + i_h, b_dg, mask=m_t)
+        tl.store(dg + (i_k.to(tl.int64) * T_all + bos + o_t) * H + i_h, b_dg, mask=m_t)
 
 
 @triton.jit
