@@ -109,3 +109,12 @@ def test_fsdp_refuses_uneven_shards_of_quantized_state() -> None:
     _check_even_shards(model, torch.optim.AdamW(model.parameters()), Dist("fsdp", 0, 3))  # its state is a DTensor
     with pytest.raises(ValueError, match=r"3 ranks splits tok_embeddings.weight \(256, 128\) unevenly"):
         _check_even_shards(model, AdamW8bit(model.parameters()), Dist("fsdp", 0, 3))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_dist_without_torchrun_runs_as_one_rank(base: TrainConfig, tmp_path: Path, mode: str) -> None:
+    """No torchrun environment: a process group of one (created and destroyed by train), one process's losses."""
+    plain = train(dataclasses.replace(base, steps=2, out=str(tmp_path / "plain")))
+    run = train(dataclasses.replace(base, steps=2, dist=mode, out=str(tmp_path / mode)))
+    _assert_same_trajectory(run, plain)
+    assert not torch.distributed.is_initialized()
