@@ -10,7 +10,7 @@ from tilewise.bench.optim import state_bytes_per_param
 
 @pytest.fixture
 def no_peers(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("bitsandbytes", "torchao"):
+    for name in ("bitsandbytes", "torchao", "flashoptim"):
         monkeypatch.setitem(sys.modules, name, None)
 
 
@@ -34,6 +34,8 @@ def test_optim_suite_rows_on_cpu() -> None:
         "bitsandbytes AdamW8bit": "missing (pip install bitsandbytes)",
         "torchao AdamW8bit": "missing (pip install torchao)",
         "torchao AdamW4bit": "missing (pip install torchao)",
+        "flashoptim FlashAdamW": "missing (pip install flashoptim)",
+        "flashoptim FlashAdamW (24-bit master)": "missing (pip install flashoptim)",
     }
 
 

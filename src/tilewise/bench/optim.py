@@ -8,7 +8,8 @@ fraction of that format's own floor; ``state_bpp`` gives the state bytes per par
 Implementations: ``tilewise.optim.AdamW`` (its fused step, :func:`tilewise.ops.optim_step.adam_step`; the
 functional step directly where the optimizer classes are missing) for each state format;
 ``torch.optim.AdamW`` with ``fused=True`` and ``foreach=True``; ``bitsandbytes.optim.AdamW8bit``;
-``torchao.optim.AdamW8bit`` and ``AdamW4bit``. Missing peers give ``"missing (pip install ...)"`` rows.
+``torchao.optim.AdamW8bit`` and ``AdamW4bit``; ``flashoptim.FlashAdamW``. Missing peers give
+``"missing (pip install ...)"`` rows.
 """
 
 from __future__ import annotations
@@ -94,6 +95,16 @@ def _peer_builders() -> dict[str, tuple[Peer, str, float, Callable[[Any, list], 
         "torchao AdamW4bit": (
             Peer("torchao", "torchao"), "q4", 1 + 8 / 128,
             lambda mod, ps: importlib.import_module("torchao.optim").AdamW4bit(ps, lr=1e-3, weight_decay=0.01),
+        ),
+        # flashoptim: 8-bit moments (2.13 B/param with its scales); by default it also keeps 8 extra bits of each
+        # bf16 weight (a 24-bit master, +1 B/param) and refuses fp32 parameters in that mode (the row says so)
+        "flashoptim FlashAdamW": (
+            Peer("flashoptim", "flashoptim"), "q8", 2.13,
+            lambda mod, ps: mod.FlashAdamW(ps, lr=1e-3, weight_decay=0.01, master_weight_bits=None),
+        ),
+        "flashoptim FlashAdamW (24-bit master)": (
+            Peer("flashoptim", "flashoptim"), "q8", 3.13,
+            lambda mod, ps: mod.FlashAdamW(ps, lr=1e-3, weight_decay=0.01),
         ),
     }  # fmt: skip
 
