@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -107,3 +108,23 @@ def test_without_matplotlib_the_report_says_so(
     assert "- memory chart: skipped" in report
     assert not list(run_dir.glob("*.png"))
     assert "| activations |" in report
+
+
+def test_cuda_memory_row_compares_the_allocator_peak(tmp_path: Path) -> None:
+    """A row as a CUDA run writes it (no GPU needed to format one): `other` and the peak are measured there."""
+    mib = 2**20
+    measured = {"weights": 4 * mib, "gradients": 4 * mib, "optimizer_state": 2 * mib, "activations": 6 * mib}
+    measured |= {"other": 2 * mib, "peak": 18 * mib}
+    predicted = {"weights": 4 * mib, "gradients": 4 * mib, "optimizer_state": 2 * mib, "activations": 5 * mib}
+    predicted |= {"other": 64 * mib, "total": 79 * mib}
+    memory = {"device": "cuda", "dist": "fsdp", "ranks": 2, "measured": measured, "predicted": predicted, "plan": "p"}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 2, "memory": memory}) + "\n")
+    write_report(tmp_path, TrainConfig(), 4.0, Dist("fsdp", 0, 2))
+    report = (tmp_path / "report.md").read_text()
+    assert "## Memory of step 2 on cuda, per rank of 2 (fsdp)" in report
+    assert "| activations | 5.00 | 6.00 | 1.20 |" in report
+    assert "| other | 64.00 | 2.00 | 0.03 |" in report
+    assert "| total (peak) | 79.00 | 18.00 | 0.23 |" in report
+    assert "torch.cuda.max_memory_allocated" in report
+    assert "divided by the ranks (FSDP)" in report
+    assert "- data parallel: fsdp over 2 ranks, 8 of the 16 sequences of a micro-batch each" in report

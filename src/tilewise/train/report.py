@@ -81,7 +81,11 @@ def memory_row(
 
 def _memory_notes(memory: dict[str, Any], config: TrainConfig) -> list[str]:
     cpu = memory["device"] == "cpu"
-    how = "tensor accounting (no allocator statistics on the CPU)" if cpu else "torch.cuda.max_memory_allocated"
+    how = (
+        "tensor accounting (no allocator statistics on the CPU)"
+        if cpu
+        else "peak = torch.cuda.max_memory_allocated over the step, other = the peak less the four categories"
+    )
     fsdp = ", weights, gradients and optimizer state divided by the ranks (FSDP)" if memory["dist"] == "fsdp" else ""
     notes = [
         f"Measured: {how}; activations: what one micro-batch saves for backward.",
