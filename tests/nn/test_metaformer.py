@@ -20,7 +20,7 @@ from tilewise.nn import (
     rope_cos_sin,
 )
 
-BUILTIN_MIXERS = ["attention", "pooling", "conv"]
+BUILTIN_MIXERS = ["attention", "pooling", "conv", "sepconv"]
 # A small byte model so the suite stays fast on 2 CPU cores.
 SMALL = dataclasses.replace(CONFIGS["tiny"], dim=64, n_layers=2, max_seq_len=64)
 
@@ -127,18 +127,9 @@ def test_residual_projections_get_scaled_init() -> None:
 
 
 @pytest.mark.parametrize("name", BUILTIN_MIXERS)
-def test_few_steps_lower_loss_on_repeated_sequence(name: str) -> None:
+def test_few_steps_lower_loss_on_repeated_sequence(name: str, fit_repeated_text) -> None:
     torch.manual_seed(42)
-    model = build_model(SMALL, mixer=name)
-    seq = torch.tensor(list(b"the quick brown fox. " * 4)[:49])[None].repeat(2, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = model(seq[:, :-1], targets=seq[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_repeated_text(build_model(SMALL, mixer=name))
     assert losses[-1] < 0.6 * losses[0]
 
 

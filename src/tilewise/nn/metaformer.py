@@ -21,16 +21,18 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tilewise.nn.layers import StarReLU
 from tilewise.nn.mixers import MIXERS, build_mixer
 
-__all__ = ["CONFIGS", "MLP", "MetaFormerBlock", "MetaFormerConfig", "MetaFormerLM", "build_model"]
+__all__ = ["CONFIGS", "MLP", "MetaFormerBlock", "MetaFormerConfig", "MetaFormerLM", "build_model", "build_on_meta"]
 
 # Settings a mixer gets from the config when its constructor declares them.
 _MIXER_CONTEXT = ("n_heads", "n_kv_heads", "rope_theta", "max_seq_len", "dropout")
@@ -50,7 +52,8 @@ class MetaFormerConfig:
             width is ``2/3`` of it (LLaMA), rounded up to ``multiple_of``.
         mlp_hidden: explicit MLP hidden width; overrides ``mlp_ratio``.
         multiple_of: rounding of the derived MLP hidden width.
-        mlp: ``"swiglu"`` (LLaMA) or ``"gelu"``.
+        mlp: ``"swiglu"`` (LLaMA), ``"gelu"`` or ``"starrelu"`` (``s * relu(x)**2 + b``, MetaFormer Baselines;
+            same saved activations as GELU).
         norm: ``"rmsnorm"`` or ``"layernorm"``.
         norm_eps: epsilon of the norms.
         max_seq_len: longest sequence ``forward`` accepts.
@@ -69,7 +72,7 @@ class MetaFormerConfig:
     mlp_ratio: float = 4.0
     mlp_hidden: int | None = None
     multiple_of: int = 64
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    mlp: Literal["swiglu", "gelu", "starrelu"] = "swiglu"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     max_seq_len: int = 256
@@ -83,8 +86,8 @@ class MetaFormerConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.mlp not in ("swiglu", "gelu", "starrelu"):
+            raise ValueError(f"mlp must be 'swiglu', 'gelu' or 'starrelu', got {self.mlp!r}")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -125,7 +128,8 @@ def _norm(config: MetaFormerConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """Channel MLP without biases: SwiGLU ``w2(silu(w1 x) * w3 x)`` or GELU ``w2(gelu(w1 x))``.
+    """Channel MLP without biases: SwiGLU ``w2(silu(w1 x) * w3 x)``, GELU ``w2(gelu(w1 x))`` or StarReLU
+    ``w2(s * relu(w1 x)**2 + b)``.
 
     Shapes: ``x [B, T, D] -> [B, T, D]``, hidden ``[B, T, config.hidden_dim]``.
     """
@@ -135,12 +139,15 @@ class MLP(nn.Module):
         self.kind = config.mlp
         self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False) if self.kind == "swiglu" else None
+        self.act = StarReLU() if self.kind == "starrelu" else None
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
         self.w2.residual_proj = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w3 is not None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.act is not None:
+            return self.w2(self.act(self.w1(x)))
         return self.w2(F.gelu(self.w1(x)))
 
 
@@ -286,8 +293,19 @@ def build_model(
         raise TypeError(f"name_or_config must be a str or MetaFormerConfig, got {type(name_or_config).__name__}")
     if mixer is not None:
         config = dataclasses.replace(config, mixer=mixer)
+    return build_on_meta(lambda: MetaFormerLM(config), device, dtype)
+
+
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+def build_on_meta(
+    factory: Callable[[], _Model], device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> _Model:
+    """Run ``factory()`` on the meta device, then (unless ``device="meta"``) materialize the model on ``device``
+    (default CPU) with ``to_empty`` + its ``init_weights()`` (in fp32), and cast it to ``dtype``."""
     with torch.device("meta"):
-        model = MetaFormerLM(config)
+        model = factory()
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type != "meta":
         model.to_empty(device=device)

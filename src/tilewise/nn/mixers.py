@@ -21,18 +21,25 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tilewise.nn.layers import StarReLU
 
 __all__ = [
     "MIXERS",
     "CausalAttention",
     "CausalConv",
     "CausalPooling",
+    "CausalSepConv",
+    "GatedLinearAttention",
+    "LongConv",
     "apply_rope",
     "build_mixer",
     "register_mixer",
@@ -206,20 +213,208 @@ class CausalPooling(nn.Module):
 class CausalConv(nn.Module):
     """Causal depthwise convolution: ``y_t = b + sum_j w_j * x_{t-j}``, ``j < kernel_size``, per channel.
 
+    This is the short convolution of H3/Mamba and ConvFormer's depthwise step alone; ``"sepconv"`` is ConvFormer's
+    whole separable block around it.
+
     Args:
         dim: model width ``D`` (one filter per channel).
         kernel_size: taps; default 4. Left padding of ``kernel_size - 1`` keeps it causal.
+        bias: learn ``b``; default True.
 
     Shapes: ``x [B, T, D] -> [B, T, D]``.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 4) -> None:
+    def __init__(self, dim: int, kernel_size: int = 4, bias: bool = True) -> None:
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         self.kernel_size = kernel_size
-        self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim)
+        self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xt = F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))  # [B, D, T + k - 1]
         return self.conv(xt).transpose(1, 2)
+
+
+@register_mixer("sepconv")
+class CausalSepConv(nn.Module):
+    """ConvFormer's separable-convolution mixer made causal: ``pw2(dwconv(StarReLU(pw1 x)))``.
+
+    ``pw1`` widens ``D`` to ``expansion * D``, ``dwconv`` is a causal depthwise convolution of ``kernel_size``
+    taps (ConvFormer's 7x7 becomes 7 past tokens), ``pw2`` projects back; no biases, as in ConvFormer.
+
+    Args:
+        dim: model width ``D``.
+        kernel_size: depthwise taps; default 7.
+        expansion: hidden width as a multiple of ``D``; default 2.
+
+    Shapes: ``x [B, T, D] -> [B, T, D]``, hidden ``[B, T, expansion * D]``.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 7, expansion: float = 2.0) -> None:
+        super().__init__()
+        hidden = int(expansion * dim)
+        if hidden < 1:
+            raise ValueError(f"expansion * dim must be >= 1, got {expansion} * {dim}")
+        self.pw1 = nn.Linear(dim, hidden, bias=False)
+        self.act = StarReLU()
+        self.dwconv = CausalConv(hidden, kernel_size, bias=False)
+        self.pw2 = nn.Linear(hidden, dim, bias=False)
+        self.pw2.residual_proj = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(self.dwconv(self.act(self.pw1(x))))
+
+
+def _load_op(name: str) -> Callable[..., object]:
+    """The public op ``tilewise.ops.<name>.<name>``, imported on first use so that building a model (on meta,
+    for planning) never needs it."""
+    try:
+        op = getattr(importlib.import_module(f"tilewise.ops.{name}"), name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(
+            f"this mixer calls tilewise.ops.{name}.{name}, which this install lacks ({exc}); "
+            "install a tilewise version that ships it, or pick another mixer"
+        ) from exc
+    return op
+
+
+@register_mixer("linear_attention")
+class GatedLinearAttention(nn.Module):
+    """Linear attention with a data-dependent scalar decay per head and token (simple GLA / RetNet-style).
+
+    Per head: ``S_t = exp(g_t) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` (:func:`tilewise.ops.linear_attention`),
+    with ``g_t = logsigmoid(x_t W_g + b_g) / gate_temperature`` (``[B, T, H]``, ``<= 0``). The temperature keeps the
+    decay near 1 at init (``0.5 ** (1/16) ~ 0.958`` a token, a memory of ~24 tokens) while letting the model learn
+    to forget. The output is normalized per head (RMSNorm), gated by ``silu(x W_r)`` and projected, as in GLA.
+
+    Feature map (``feature_map``):
+
+    - ``"l2norm"`` (default): ``q`` and ``k`` are L2-normalized per head, so each token writes at most ``|v_t|``
+      into the state and the state stays bounded by ``max |v| / (1 - decay)`` whatever the projections' scale;
+      ``q . k`` is a cosine in ``[-1, 1]`` (scale 1). This is the choice of DeltaNet/GLA-style models for stability.
+    - ``"elu"``: ``elu(x) + 1`` on ``q`` and ``k`` (Katharopoulos et al., positive features, scale ``Dh**-0.5``); the
+      state grows with ``|k|`` and the output norm undoes it.
+
+    Strictly causal. Decoding with a carried state is the op's ``initial_state``/``output_final_state``.
+
+    Args:
+        dim: model width ``D``; must be divisible by ``n_heads``.
+        n_heads: heads ``H``; default 4 (key and value width ``D / H`` each).
+        gate_temperature: divides the log decay; default 16 (fla's ``gate_logit_normalizer``).
+        feature_map: ``"l2norm"`` or ``"elu"``; default ``"l2norm"``.
+        norm_eps: epsilon of the per-head output RMSNorm; default 1e-5.
+
+    Shapes: ``x [B, T, D] -> [B, T, D]``; inside, ``q, k, v [B, T, H, D / H]``, ``g [B, T, H]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int = 4,
+        gate_temperature: float = 16.0,
+        feature_map: Literal["l2norm", "elu"] = "l2norm",
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if n_heads <= 0 or dim % n_heads:
+            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads} (a positive integer)")
+        if feature_map not in ("l2norm", "elu"):
+            raise ValueError(f"feature_map must be 'l2norm' or 'elu', got {feature_map!r}")
+        if gate_temperature <= 0:
+            raise ValueError(f"gate_temperature must be > 0, got {gate_temperature}")
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.gate_temperature, self.feature_map = gate_temperature, feature_map
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wg = nn.Linear(dim, n_heads, bias=True)  # decay logits; the bias sets the decay at init
+        self.wr = nn.Linear(dim, dim, bias=False)  # output gate
+        self.o_norm = nn.RMSNorm(self.head_dim, eps=norm_eps)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wo.residual_proj = True
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_map == "l2norm":
+            return F.normalize(x, dim=-1)
+        return F.elu(x) + 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        shape = (B, T, self.n_heads, self.head_dim)
+        v = self.wv(x).view(shape)
+        # The op wants one dtype; autocast may run the feature map's norm in fp32.
+        q = self._features(self.wq(x).view(shape)).to(v.dtype)
+        k = self._features(self.wk(x).view(shape)).to(v.dtype)
+        g = F.logsigmoid(self.wg(x).float()) / self.gate_temperature  # [B, T, H], fp32 log decay
+        scale = 1.0 if self.feature_map == "l2norm" else self.head_dim**-0.5
+        o, _ = _load_op("linear_attention")(q, k, v, g, scale=scale)  # [B, T, H, Dh] in v's dtype
+        # The norm's weight follows o's dtype so that a bf16 o (autocast) keeps the fused kernel.
+        o = F.rms_norm(o, (self.head_dim,), self.o_norm.weight.to(o.dtype), self.o_norm.eps)
+        return self.wo(o.reshape(B, T, D) * F.silu(self.wr(x)))
+
+
+@register_mixer("fft_conv")
+class LongConv(nn.Module):
+    """Hyena-style long-convolution mixer (order 2) with an explicit kernel per channel, convolved by FFT.
+
+    ``x0, x1, v = shortconv(W_in x)`` (a causal depthwise conv of 3 taps on the ``3D`` projection), then
+    ``y = W_out(x0 * (h * (x1 * v) + skip * (x1 * v)))`` where ``h * u`` is the causal convolution along time of
+    :func:`tilewise.ops.fft_conv`, O(T log T). The kernel ``h [D, T]`` is the first ``T`` taps of a learned
+    ``[D, max_seq_len]`` parameter times a fixed exponential window ``exp(-a_c t / max_seq_len)``; the rates
+    ``a_c`` are spread over the channels so that the window reaches 1e-2 after 30% (fastest channel) to 150%
+    (slowest) of ``max_seq_len`` (Hyena's ExponentialModulation). The window is computed on the fly (no buffer).
+
+    Explicit instead of Hyena's implicit (MLP over positional features) filter: fewer moving parts, the same
+    O(T log T) cost, and "Simple Hardware-Efficient Long Convolutions" (Fu et al., 2023) shows it matches once the
+    kernel is regularized, here by the window. It costs ``D * max_seq_len`` parameters a layer.
+
+    Args:
+        dim: model width ``D``.
+        max_seq_len: longest sequence, the kernel's length; filled in from ``MetaFormerConfig.max_seq_len``.
+        short_kernel: taps of the short causal convolution; default 3.
+
+    Shapes: ``x [B, T, D] -> [B, T, D]`` with ``T <= max_seq_len``; the op sees ``u [B, D, T]``, ``k [D, T]``.
+    """
+
+    def __init__(self, dim: int, max_seq_len: int = 1024, short_kernel: int = 3) -> None:
+        super().__init__()
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        self.dim, self.max_seq_len = dim, max_seq_len
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.short_conv = CausalConv(3 * dim, short_kernel)
+        self.kernel = nn.Parameter(torch.empty(dim, max_seq_len))
+        self.skip = nn.Parameter(torch.empty(dim))
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj.residual_proj = True
+        self.reset_parameters()
+
+    def window(self, length: int, device: torch.device | None = None) -> torch.Tensor:
+        """The fixed decay window ``[D, length]`` (fp32) that multiplies the learned kernel."""
+        device = self.kernel.device if device is None else device
+        log_target = math.log(1e-2)
+        rates = torch.linspace(-log_target / 0.3, -log_target / 1.5, self.dim, device=device)  # fast -> slow
+        t = torch.arange(length, device=device, dtype=torch.float32) / self.max_seq_len
+        return torch.exp(-rates[:, None] * t[None, :])
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Kernel ~ N(0, 1 / sum_t window_t**2) per channel, so the windowed convolution preserves variance at
+        ``T = max_seq_len``; ``skip`` = 1. The projections and the short conv initialize themselves."""
+        norm = self.window(self.max_seq_len).square().sum(dim=1, keepdim=True).rsqrt()  # [D, 1]
+        self.kernel.normal_().mul_(norm.to(self.kernel.dtype))
+        self.skip.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        if self.max_seq_len < T:
+            raise ValueError(
+                f"sequence length {T} exceeds the fft_conv kernel length max_seq_len={self.max_seq_len}; "
+                "build the mixer (or the model's config) with a larger max_seq_len"
+            )
+        x0, x1, v = self.short_conv(self.in_proj(x)).chunk(3, dim=-1)  # each [B, T, D]
+        u = (x1 * v).transpose(1, 2)  # [B, D, T]
+        k = self.kernel[:, :T] * self.window(T, x.device).to(self.kernel.dtype)  # [D, T]
+        y = _load_op("fft_conv")(u, k, skip=self.skip)  # [B, D, T]
+        return self.out_proj(x0 * y.transpose(1, 2))

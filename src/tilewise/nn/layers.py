@@ -1,0 +1,80 @@
+"""The StarReLU activation of MetaFormer Baselines, shared by the language and image MetaFormers.
+
+Example:
+    >>> act = StarReLU()
+    >>> act(torch.tensor([-1.0, 2.0]))
+    tensor([0., 4.], grad_fn=<_StarReLUFunctionBackward>)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["StarReLU", "star_relu"]
+
+
+class _StarReLUFunction(torch.autograd.Function):
+    """``s * relu(x)**2 + b`` saving only ``x``: the same activation memory as GELU (autograd on the plain
+    expression would keep ``relu(x)`` and ``relu(x)**2`` as well)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, scale)
+        r = x.relu()
+        # The [1] parameters are cast so that a bf16 x gives a bf16 y (a [1] fp32 tensor would promote it).
+        return torch.addcmul(bias.to(x.dtype), r * r, scale.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale = ctx.saved_tensors
+        r = x.relu()
+        grad_x = grad_scale = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * (2 * scale.to(x.dtype)) * r
+        acc = torch.promote_types(grad.dtype, torch.float32)  # scalar reductions in fp32 at least
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad.to(acc) * r.to(acc).square()).sum().reshape(scale.shape).to(scale.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.to(acc).sum().reshape(scale.shape).to(scale.dtype)
+        return grad_x, grad_scale, grad_bias
+
+
+def star_relu(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """StarReLU ``scale * relu(x)**2 + bias`` (MetaFormer Baselines, arXiv:2210.13452), in ``x``'s dtype.
+
+    Args:
+        x: any shape.
+        scale, bias: ``[1]`` tensors (learnable or not).
+    """
+    return _StarReLUFunction.apply(x, scale, bias)
+
+
+class StarReLU(nn.Module):
+    """StarReLU activation ``s * relu(x)**2 + b`` with learnable scalars ``s`` and ``b``.
+
+    The paper's defaults: ``s = 1``, ``b = 0`` at init (the paper's variance-matching values 0.8944 and -0.4472
+    are an option). Backward saves only the input, so an MLP using it holds as much as one using GELU.
+
+    Args:
+        scale_init: initial ``s``; default 1.
+        bias_init: initial ``b``; default 0.
+        learnable: train ``s`` and ``b``; default True.
+
+    Shapes: any ``[*] -> [*]``.
+    """
+
+    def __init__(self, scale_init: float = 1.0, bias_init: float = 0.0, learnable: bool = True) -> None:
+        super().__init__()
+        self.scale_init, self.bias_init = scale_init, bias_init
+        self.scale = nn.Parameter(torch.empty(1), requires_grad=learnable)
+        self.bias = nn.Parameter(torch.empty(1), requires_grad=learnable)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.scale.fill_(self.scale_init)
+        self.bias.fill_(self.bias_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return star_relu(x, self.scale, self.bias)
