@@ -2,8 +2,8 @@
 
 Example:
     >>> act = StarReLU()
-    >>> act(torch.tensor([-1.0, 2.0]))
-    tensor([0., 4.], grad_fn=<_StarReLUFunctionBackward>)
+    >>> act(torch.tensor([-1.0, 2.0])).tolist()
+    [0.0, 4.0]
 """
 
 from __future__ import annotations

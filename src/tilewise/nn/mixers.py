@@ -4,6 +4,17 @@ Every mixer maps ``x [B, T, D] -> y [B, T, D]`` and is strictly causal: ``y[:, t
 only. Mixers register under a name with :func:`register_mixer` and are built by name with :func:`build_mixer`;
 ``MetaFormerLM`` looks its mixer up here, so a mixer registered later (the token-mixer issue) is usable at once.
 
+The registry:
+
+- ``attention``: LLaMA's causal attention (RoPE, GQA); CAFormer's late-stage mixer.
+- ``pooling``: PoolFormer's ``avgpool(x) - x`` over the last ``window`` tokens (no parameters).
+- ``conv``: a short causal depthwise convolution (H3/Mamba's; ConvFormer's depthwise step alone).
+- ``sepconv``: ConvFormer's separable block, pointwise -> StarReLU -> causal depthwise (7 taps) -> pointwise.
+- ``linear_attention``: gated linear attention (scalar data-dependent decay), on :func:`tilewise.ops.linear_attention`.
+- ``fft_conv``: Hyena-style gated long convolution, on :func:`tilewise.ops.fft_conv`.
+
+The last two import their op on the first forward, so they build (and plan, on meta) without it.
+
 Conventions a mixer follows:
 
 - its constructor takes ``dim`` first; any of ``n_heads``, ``n_kv_heads``, ``rope_theta``, ``max_seq_len`` and
