@@ -89,7 +89,9 @@ def _memory_notes(memory: dict[str, Any], config: TrainConfig) -> list[str]:
     fsdp = ", weights, gradients and optimizer state divided by the ranks (FSDP)" if memory["dist"] == "fsdp" else ""
     notes = [
         f"Measured: {how}; activations: what one micro-batch saves for backward.",
-        f"Predicted: `{memory['plan']}`{fsdp}.",
+        f"Predicted: `{memory['plan']}`{fsdp}."
+        if memory["predicted"]
+        else "Predicted: none; tilewise.memory.estimate has no activation formula for this mixer.",
     ]
     if cpu:
         notes.append("`other`: not measured on the CPU; the estimate's is an allowance for CUDA workspaces.")
