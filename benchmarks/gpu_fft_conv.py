@@ -2,12 +2,15 @@
 
 1. Checks the Triton path (forward and the gradients of u, k, skip) against the torch.fft reference in float64
    at real sizes, fp32 and bf16 I/O, and prints the relative RMS errors beside the bounds the tests use.
-2. Sweeps the kernel's block size / warps / dot precision at N = 1024 and 8192 (forward, fp32 and bf16).
+2. Sweeps the kernel's configuration (rows per program, block size, pipelining stages, dot precision) at
+   N = 1024 and 8192 (forward, fp32 and bf16); a configuration that does not fit prints its error.
 3. Times forward and forward+backward at B=8, H=768, N in {1024, 8192, 65536} (B halved until it fits) for
    ``fft_conv`` (auto: Triton for N <= 8192, torch.fft above), the torch.fft rfft/irfft baseline (the reference
    under autograd) and the Monarch PyTorch path, printing median ms (``triton.testing.do_bench``), the speedup
    over torch.fft and the % of the floor: every byte of u, k (and skip) read once and y written once (forward;
    forward+backward adds dy, u, k read and du, dk written) at the copy bandwidth measured in the same run.
+   A path that fails prints its error in its row and the table goes on; after each N the kernel
+   configurations (or torch.fft fallbacks) that ``fft_conv`` actually ran are listed, from ``triton.PATHS``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from tilewise.ops.fft_conv import fft_conv
 from tilewise.ops.fft_conv.monarch import fft_conv_monarch
 from tilewise.ops.fft_conv.reference import fft_conv_ref
-from tilewise.ops.fft_conv.triton import fft_conv_triton_fwd
+from tilewise.ops.fft_conv.triton import PATHS, fft_conv_triton_fwd, reset_paths
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Relative RMS error bounds: fp32 must stay under 1e-3 (issue #5), the tests allow 1e-4 on GPU; bf16 I/O 8e-3.
@@ -57,6 +60,7 @@ def check(shapes=((2, 64, 1000), (2, 64, 4096), (4, 32, 8192), (8, 768, 8192))) 
         for b, h, n in shapes:
             u, k, skip = _inputs(b, h, n, dtype)
             dy = torch.randn_like(u)
+            reset_paths()
             try:
                 got = _grads(lambda u, k, s: fft_conv(u, k, skip=s, backend="triton"), u, k, skip, dy)
             except Exception as e:  # a kernel that fails to compile or launch is reported, and timing goes on
@@ -70,8 +74,14 @@ def check(shapes=((2, 64, 1000), (2, 64, 4096), (4, 32, 8192), (8, 768, 8192))) 
             ok &= good
             shown = " ".join(f"{e:.2e}" for e in errs)
             print(f"  {dtype!s:>14} B={b} H={h} N={n}: {shown}  {'ok' if good else 'FAIL'} (bound {BOUND[dtype]})")
+            print(f"  {'':>14} ran: {_ran()}")
     print("check:", "all within bounds" if ok else "FAILURES above")
     return ok
+
+
+def _ran() -> str:
+    """The kernel configurations / fallbacks recorded since the last reset_paths(), with launch counts."""
+    return "; ".join(f"{path} x{count}" for path, count in sorted(PATHS.items())) or "nothing recorded"
 
 
 def _bench(fn, grad_to_none=None) -> float:
@@ -87,24 +97,28 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / ms * 1e3
 
 
-def sweep(dtype: torch.dtype, b: int = 8, h: int = 768) -> None:
-    """Forward time of the Triton kernel for each block size, warp count and dot precision."""
-    print(f"\nsweep {dtype}, B={b} H={h}: forward ms (and rel RMS error vs fp64) per block_k x num_warps x precision")
+def sweep(dtype: torch.dtype, b: int = 8, h: int = 768, ns=(1024, 8192)) -> None:
+    """Forward time of the Triton kernel per configuration: rows per program, block size, stages, dot precision."""
+    print(f"\nsweep {dtype}, B={b} H={h}: forward ms (and rel RMS error vs fp64) per configuration")
     # bf16x3 (3 bf16 products, ~16 bits) may not exist in older triton: the sweep then reports the error.
     precs = ["tf32x3", "bf16x3", "tf32"] if dtype == torch.float32 else ["tf32", "bf16x3"]
-    for n in (1024, 8192):
+    for n in ns:
         u, k, skip = _inputs(b, h, n, dtype)
         want = fft_conv_ref(u.double(), k.double(), skip.double())
         for prec in precs:
-            for bk in (16, 32, 64):
-                for warps in (4, 8):
-                    kw = {"block_k": bk, "num_warps": warps, "precision": prec}
-                    try:
-                        err = _rel_rms(fft_conv_triton_fwd(u, k, skip, **kw), want)
-                        ms = _bench(lambda u=u, k=k, skip=skip, kw=kw: fft_conv_triton_fwd(u, k, skip, **kw))
-                        print(f"  N={n:>5} {prec:>6} BK={bk:>2} warps={warps}: {ms:8.3f} ms  err {err:.2e}")
-                    except Exception as e:  # a config that does not compile is reported, not fatal
-                        print(f"  N={n:>5} {prec:>6} BK={bk:>2} warps={warps}: {type(e).__name__}: {str(e)[:80]}")
+            for pair in (True, False):
+                for bk in (16, 32):
+                    for stages in (1, 2, 3):
+                        kw = {"block_k": bk, "precision": prec, "pair": pair, "num_stages": stages}
+                        name = f"N={n:>5} {prec:>6} {'pair' if pair else 'row '} BK={bk:>2} stages={stages}"
+                        try:
+                            err = _rel_rms(fft_conv_triton_fwd(u, k, skip, **kw), want)
+                            ms = _bench(lambda u=u, k=k, skip=skip, kw=kw: fft_conv_triton_fwd(u, k, skip, **kw))
+                            print(f"  {name}: {ms:8.3f} ms  err {err:.2e}")
+                        except Exception as e:  # a config that does not compile or fit is reported, not fatal
+                            print(f"  {name}: {type(e).__name__}: {str(e)[:100]}")
+        del u, k, skip, want
+        torch.cuda.empty_cache()
 
 
 def _time_pair(fn, u, k, skip, dy) -> tuple[float, float]:
@@ -132,14 +146,19 @@ def timing(dtype: torch.dtype, ns=(1024, 8192, 65536), b: int = 8, h: int = 768)
             try:
                 u, k, skip = _inputs(bb, h, n, dtype, grad=True)
                 dy = torch.randn_like(u)
-                results = {}
+                results, status = {}, {}
+                reset_paths()
                 for name, fn in paths.items():
                     try:
                         results[name] = _time_pair(fn, u, k, skip, dy)
                     except torch.OutOfMemoryError:
                         if name == "torch.fft":
                             raise  # the baseline must fit: retry with a smaller batch
-                        results[name] = (math.nan, math.nan)
+                        results[name], status[name] = (math.nan, math.nan), "out of GPU memory"
+                    except Exception as e:  # a kernel that fails to compile or launch: report it, time the rest
+                        results[name], status[name] = (math.nan, math.nan), f"{type(e).__name__}: {str(e)[:160]}"
+                    if name == "fft_conv":
+                        ran = _ran()
                     torch.cuda.empty_cache()
                 break
             except torch.OutOfMemoryError:
@@ -155,8 +174,10 @@ def timing(dtype: torch.dtype, ns=(1024, 8192, 65536), b: int = 8, h: int = 768)
             print(
                 f"{n:>6} {bb:>2} {name:>10} {f:8.3f} {base_f / f:6.2f} {100 * floor_fwd / f:6.1f}% "
                 f"{a:8.3f} {base_a / a:6.2f} {100 * floor_all / a:6.1f}%"
+                + (f"  {status[name]}" if name in status else "")
             )
         print(f"{n:>6} {bb:>2} {'floor':>10} {floor_fwd:8.3f} {'':>6} {'':>7} {floor_all:8.3f}")
+        print(f"{n:>6} {bb:>2} fft_conv ran: {ran}")
         del u, k, skip, dy
         torch.cuda.empty_cache()
 
@@ -167,13 +188,14 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check")
     parser.add_argument("--no-sweep", action="store_true", help="skip the kernel configuration sweep")
     parser.add_argument("--n", type=int, nargs="+", default=[1024, 8192, 65536], help="sequence lengths to time")
+    parser.add_argument("--sweep-n", type=int, nargs="+", default=[1024, 8192], help="sequence lengths to sweep")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}")
     if not args.no_check:
         check()
     if not args.no_sweep:
         for name in args.dtype:
-            sweep(DTYPES[name])
+            sweep(DTYPES[name], ns=tuple(args.sweep_n))
     for name in args.dtype:
         timing(DTYPES[name], tuple(args.n))
 

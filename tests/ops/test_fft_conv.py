@@ -144,6 +144,90 @@ def test_triton_longest_fused_row(n: int, device: str) -> None:
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.parametrize("correlate", [False, True])
+def test_triton_one_row_and_pair_programs(pair: bool, correlate: bool, device: str) -> None:
+    # A program takes a pair of rows (one complex signal) or one real row (what L = 16384 uses with tf32x3).
+    from tilewise.ops.fft_conv.triton import fft_conv_triton_fwd
+
+    u, k, skip = inputs(3, 2, 300, device=device)
+    got = fft_conv_triton_fwd(u, k, skip, correlate=correlate, out=poison_like(u), pair=pair, num_stages=1)
+    flip = (lambda t: t.flip(-1)) if correlate else (lambda t: t)
+    want = flip(fft_conv_ref(flip(u.double()), k.double(), skip.double()))
+    assert_rel_rms(got, want, FP32_REL)
+
+
+class _NoSharedMemory:
+    """Stands in for a Triton kernel on a GPU whose shared memory is too small for some launches."""
+
+    def __init__(self, kernel, refuse):
+        self.kernel, self.refuse, self.tried = kernel, refuse, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.tried.append(kwargs)
+            if self.refuse(kwargs):
+                from triton.runtime import OutOfResources
+
+                raise OutOfResources(327680, 232448, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.interpret
+def test_triton_falls_back_when_shared_memory_runs_out(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    import importlib
+
+    tt = importlib.import_module("tilewise.ops.fft_conv.triton")
+    monkeypatch.setattr(tt, "_CHOSEN", {})
+    u, k, skip = inputs(3, 2, 100, device=device)
+    want = fft_conv_ref(u.double(), k.double(), skip.double())
+    # pairs do not fit: the next configuration (one row) runs, and is remembered
+    fake = _NoSharedMemory(tt._fft_conv_kernel, lambda kw: kw["PAIR"])
+    monkeypatch.setattr(tt, "_fft_conv_kernel", fake)
+    tt.reset_paths()
+    for _ in range(2):
+        assert_rel_rms(triton_fwd(u, k, skip, out=poison_like(u)), want, FP32_REL)
+    assert [kw["PAIR"] for kw in fake.tried] == [True, False, False]
+    assert list(tt.PATHS) == ["triton L=512 1 row BK=16 stages=1 warps=4 tf32x3"]
+    # nothing fits: torch.fft computes it (convolution, correlation, the k-gradient sum), and PATHS says so
+    monkeypatch.setattr(tt, "_fft_conv_kernel", _NoSharedMemory(tt._fft_conv_kernel, lambda kw: True))
+    monkeypatch.setattr(tt, "_fft_corr_sum_kernel", _NoSharedMemory(tt._fft_corr_sum_kernel, lambda kw: True))
+    tt.reset_paths()
+    dy = torch.randn_like(u)
+    got = grads(triton_conv, u, k, skip, dy)
+    want_all = grads(fft_conv_ref, u.double(), k.double(), skip.double(), dy.double())
+    for name, g, w in zip(("y", "du", "dk", "dskip"), got, want_all, strict=True):
+        assert_rel_rms(g, w, FP32_REL, msg=name)
+    assert sorted(tt.PATHS) == [
+        "torch.fft L=512 (no kernel configuration fits)",
+        "torch.fft dk L=512 (no kernel configuration fits)",
+    ]
+    assert tt.PATHS["torch.fft L=512 (no kernel configuration fits)"] == 2  # y and du
+    # a configuration named by the caller (a benchmark sweep) raises instead of falling back
+    from triton.runtime import OutOfResources
+
+    with pytest.raises(OutOfResources):
+        tt.fft_conv_triton_fwd(u, k, skip, block_k=16)
+
+
+@pytest.mark.parametrize("length", [512, 1024, 2048, 4096, 8192, 16384])
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_triton_configurations(length: int, precision: str) -> None:
+    # every configuration tiles N1 with whole blocks, and the last resort of each list is a single row
+    pytest.importorskip("triton")
+    import importlib
+
+    tt = importlib.import_module("tilewise.ops.fft_conv.triton")
+    configs = tt._conv_configs(length, precision)
+    n1, _ = tt._factors(length)
+    assert len(set(configs)) == len(configs) >= 2
+    assert all(n1 % c.block_k == 0 and c.block_k >= 16 for c in configs)
+    assert not configs[-1].pair
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("n", [1, 100, 1000])
 def test_triton_correlate_is_the_adjoint(n: int, device: str) -> None:
     # <conv(u), g> = <u, corr(g)> for every u, g: the correlation kernel is the convolution's transpose.
@@ -278,7 +362,11 @@ def test_triton_by_name_refuses_what_it_cannot_run(device: str) -> None:
     with pytest.raises(ValueError, match="N <= 8192"):
         fft_conv(torch.ones(1, 1, 8193, device=device), torch.ones(1, 8193, device=device), backend="triton")
     with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
-        fft_conv(torch.ones(1, 1, 4, dtype=torch.float64, device=device), torch.ones(1, 4), backend="triton")
+        fft_conv(
+            torch.ones(1, 1, 4, dtype=torch.float64, device=device),
+            torch.ones(1, 4, device=device),
+            backend="triton",
+        )
 
 
 def test_max_triton_n_matches_kernel() -> None:

@@ -5,7 +5,8 @@ n2``, ``N2`` contiguous). Its DFT in permuted order is ``C = ((F_N1 A) ∘ T) F_
 the inverse ``A = conj(F_N1) ((C conj(F_N2)) ∘ conj(T))``. The kernel walks ``F_N1``'s rows in blocks of ``BK``:
 each block of the spectrum is made, multiplied by the kernel's spectrum and taken back to time, accumulating into
 the output tile, so only the rows, the output tile and one ``[BK, N2]`` complex block are live (the structure of
-flash attention). Two batch rows of a channel travel as one complex signal (the kernel is real). Complex products
+flash attention). Two batch rows of a channel travel as one complex signal (the kernel is real), or one row alone
+where a pair does not fit the GPU's shared memory (``L = 16384`` with ``tf32x3``). Complex products
 are pairs of real ``tl.dot``; half of ``A`` (the padding) and half of the output (the truncated tail) are never
 multiplied. README.md has the derivation, the backward and the precision choice (``tf32x3`` dots for fp32/fp16
 I/O, ``tf32`` for bf16).
@@ -13,21 +14,29 @@ I/O, ``tf32`` for bf16).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import OutOfResources
 
 from tilewise.ops.fft_conv.monarch import dft_matrix, fft_length, twiddle
+from tilewise.ops.fft_conv.reference import fft_conv_ref
 
 __all__ = [
     "MAX_FUSED_L",
     "MAX_FUSED_N",
+    "PATHS",
+    "ConvConfig",
     "fft_conv_triton",
     "fft_conv_triton_fwd",
     "fft_corr_sum_triton",
     "kernel_spectrum",
+    "reset_paths",
 ]
 
 # Longest transform one program holds: 16384 = 256 x 64, so N <= 8192.
@@ -116,6 +125,7 @@ def _fft_conv_kernel(
     BK: tl.constexpr,
     CONJ: tl.constexpr,
     HAS_SKIP: tl.constexpr,
+    PAIR: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """``y[b, h] = IDFT(DFT(x[b, h]) ∘ khat[h])[:N] (+ skip[h] x[b, h])`` for ``x, y: [B, H, N]``.
@@ -123,27 +133,37 @@ def _fft_conv_kernel(
     Each program takes two rows ``b, b + 1`` of one channel as one complex signal ``x[b] + i x[b + 1]``: the
     kernel is real, so the real and imaginary parts of the result are the two convolutions, at the cost of one
     (complex) transform. ``khat: [H, 2, N1, N2]`` is the kernel's permuted spectrum over ``L`` (1/L folded in);
-    ``CONJ`` multiplies by its conjugate instead (the anti-causal correlation of the backward).
+    ``CONJ`` multiplies by its conjugate instead (the anti-causal correlation of the backward). Without
+    ``PAIR`` a program takes one row ``b`` (real in, real out): a third more dot flops, but half the live input
+    and output tiles, which is what lets ``L = 16384`` fit an H100's shared memory (README.md).
     """
     N1H: tl.constexpr = N1 // 2
     # The programs of a channel run next to each other, so its spectrum khat[h] is read from HBM once.
     i_p = tl.program_id(0).to(tl.int64)
-    NB2 = (B + 1) // 2
-    i_h, i_b = i_p // NB2, (i_p % NB2) * 2
+    if PAIR:
+        NB2 = (B + 1) // 2
+        i_h, i_b = i_p // NB2, (i_p % NB2) * 2
+    else:
+        i_h, i_b = i_p // B, i_p % B
     o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
     m_t = o_t < N
-    # the second row exists only when B is even or this is not the last pair
-    m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
     p_x = x + (i_b * H + i_h) * N + o_t
     b_xr = tl.load(p_x, mask=m_t, other=0.0).to(tl.float32)
-    b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
+    if PAIR:
+        # the second row exists only when B is even or this is not the last pair
+        m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
+        b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
+        b_yi = tl.zeros([N1H, N2], dtype=tl.float32)
     b_f2r, b_f2i = _load_f2(f2, N2)
     b_yr = tl.zeros([N1H, N2], dtype=tl.float32)
-    b_yi = tl.zeros([N1H, N2], dtype=tl.float32)
     o_c = tl.arange(0, BK)[:, None] * N2 + tl.arange(0, N2)[None, :]
     for i_k in range(0, N1 // BK):
         b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
-        b_br, b_bi = _cdot(b_f1r, b_f1i, b_xr, b_xi, PREC)
+        if PAIR:
+            b_br, b_bi = _cdot(b_f1r, b_f1i, b_xr, b_xi, PREC)
+        else:
+            b_br = tl.dot(b_f1r, b_xr, input_precision=PREC)
+            b_bi = tl.dot(b_f1i, b_xr, input_precision=PREC)
         b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr, b_ti, b_f2r, b_f2i, PREC)
         p_k = khat + i_h * (2 * N1 * N2) + i_k * BK * N2 + o_c
         b_kr = tl.load(p_k)
@@ -156,15 +176,18 @@ def _fft_conv_kernel(
         b_f1rt, b_f1it = tl.trans(b_f1r), tl.trans(b_f1i)
         b_yr = tl.dot(b_f1rt, b_dr, acc=b_yr, input_precision=PREC)
         b_yr = tl.dot(b_f1it, b_di, acc=b_yr, input_precision=PREC)
-        b_yi = tl.dot(b_f1rt, b_di, acc=b_yi, input_precision=PREC)
-        b_yi = tl.dot(-b_f1it, b_dr, acc=b_yi, input_precision=PREC)
+        if PAIR:
+            b_yi = tl.dot(b_f1rt, b_di, acc=b_yi, input_precision=PREC)
+            b_yi = tl.dot(-b_f1it, b_dr, acc=b_yi, input_precision=PREC)
     if HAS_SKIP:
         b_s = tl.load(skip + i_h).to(tl.float32)
         b_yr += b_s * b_xr
-        b_yi += b_s * b_xi
+        if PAIR:
+            b_yi += b_s * b_xi
     p_y = y + (i_b * H + i_h) * N + o_t
     tl.store(p_y, b_yr.to(y.dtype.element_ty), mask=m_t)
-    tl.store(p_y + H * N, b_yi.to(y.dtype.element_ty), mask=m_t2)
+    if PAIR:
+        tl.store(p_y + H * N, b_yi.to(y.dtype.element_ty), mask=m_t2)
 
 
 @triton.jit
@@ -222,29 +245,78 @@ def _fft_corr_sum_kernel(
         tl.store(dot_out + i_h, tl.sum(tl.sum(b_s, axis=1), axis=0), mask=i_k == 0)
 
 
-def _factors(length: int) -> tuple[int, int, int, int]:
-    """``(N1, N2, BK, num_warps)`` for a transform of ``length``. Per row the convolution kernel does
-    ``L (4 N1 + 8 N2)`` flops (rows go in pairs) and the ``dk`` kernel ``L (4 N1 + 16 N2) / 2`` per input row, so
-    ``N1`` between ``2 N2`` and ``4 N2``; ``N2`` at least 16 for ``tl.dot``."""
+def _factors(length: int) -> tuple[int, int]:
+    """``(N1, N2)`` for a transform of ``length``. Per row the convolution kernel does ``L (4 N1 + 8 N2)`` flops
+    with rows in pairs (``L (4 N1 + 16 N2)`` one row a program) and the ``dk`` kernel ``L (4 N1 + 16 N2) / 2`` per
+    input row, so ``N1`` between ``2 N2`` and ``4 N2``; ``N2`` at least 16 for ``tl.dot``."""
     n2 = 16 if length <= 1024 else 32 if length <= 8192 else 64
-    n1 = length // n2
-    return n1, n2, min(n1, 32), 4 if length <= 2048 else 8
+    return length // n2, n2
+
+
+class ConvConfig(NamedTuple):
+    """A launch configuration of the convolution kernel: rows per program (2 = a pair as one complex signal),
+    rows ``k1`` of ``F_N1`` per block, software-pipelining stages, warps."""
+
+    pair: bool
+    block_k: int
+    num_stages: int
+    num_warps: int
+
+    def describe(self, length: int, precision: str) -> str:
+        rows = "pair" if self.pair else "1 row"
+        return f"triton L={length} {rows} BK={self.block_k} stages={self.num_stages} warps={self.num_warps} {precision}"
+
+
+def _conv_configs(length: int, precision: str) -> tuple[ConvConfig, ...]:
+    """The convolution kernel's configurations for ``length`` and a dot precision, best first; the host falls
+    back along them when one does not fit the GPU (shared memory), then to ``torch.fft``.
+
+    Chosen from sm_90 compiles (README.md has the table): ``BK = 16`` keeps ``tf32x3`` under the register file
+    (``BK = 32`` spills kilobytes per thread from ``L = 8192``); at ``L = 16384`` a pair of rows needs 240-330 KB of
+    shared memory with ``tf32x3`` (each operand is held as a tf32 high and low part), one row 176 KB.
+    """
+    n1, _ = _factors(length)
+    warps = 4 if length <= 2048 else 8
+    split = precision != "tf32"  # tf32x3 / bf16x3 / ieee: operands split into parts, twice the shared memory
+    if length <= 2048:
+        first = [ConvConfig(True, min(n1, 32), 3, warps)]
+    elif length <= 8192:
+        first = [ConvConfig(True, 16, 3, warps)]
+    elif split:
+        first = [ConvConfig(False, 16, 1, warps)]
+    else:
+        first = [ConvConfig(True, 16, 2, warps), ConvConfig(False, 16, 2, warps)]
+    # shared memory fallbacks: one row, the smallest block, no pipelining; then a larger block with 2 stages,
+    # which the compiler lays out with less shared memory at L = 16384 (128 KB, spilling registers instead)
+    fallbacks = [ConvConfig(False, 16, 1, warps), ConvConfig(False, min(n1, 64), 2, warps)]
+    return tuple(dict.fromkeys(first + fallbacks))
 
 
 # tl.dot input precision by I/O dtype: 3 tf32 products (~fp32) where the output keeps more than tf32's 11 bits;
 # one tf32 product for bf16, whose 8-bit output rounding is 8x coarser than tf32's.
 _PREC = {torch.float32: "tf32x3", torch.float16: "tf32x3", torch.bfloat16: "tf32"}
 
+# Which path each launch took, "triton L=... pair BK=..." or "torch.fft ...", counted since the last
+# reset_paths(): benchmarks print it, so a fallback (shared memory) never hides behind a fast-looking number.
+PATHS: collections.Counter[str] = collections.Counter()
+# (kernel, length, precision, dtypes, device) -> index of the first configuration that launched there
+_CHOSEN: dict[tuple, int] = {}
+
+
+def reset_paths() -> None:
+    """Empty :data:`PATHS`."""
+    PATHS.clear()
+
 
 def _constants(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n1, n2, _, _ = _factors(length)
+    n1, n2 = _factors(length)
     return dft_matrix(n1, device), dft_matrix(n2, device), twiddle(n1, n2, device)
 
 
 def kernel_spectrum(k: torch.Tensor, length: int) -> torch.Tensor:
     """``[H, 2, N1, N2]`` fp32 permuted spectrum of ``k [H, N]`` zero-padded to ``length``, times ``1 / length``:
     ``khat[h, :, k1, k2] = DFT_L(k[h])[k1 + N1 k2] / L`` (re, im). One ``torch.fft`` over ``H`` rows."""
-    n1, n2, _, _ = _factors(length)
+    n1, n2 = _factors(length)
     spec = torch.fft.fft(k.float(), n=length).view(k.shape[0], n2, n1).transpose(1, 2) / length
     return torch.stack((spec.real, spec.imag), dim=1).contiguous()
 
@@ -253,6 +325,28 @@ def _launch_options(u: torch.Tensor) -> tuple[int, contextlib.AbstractContextMan
     length = fft_length(u.shape[-1], _MIN_L)
     # Triton launches on the current CUDA device: make it u's.
     return length, torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
+
+
+def _first_that_fits(key: tuple, configs: Sequence, launch: Callable[[Any], None]) -> Any | None:
+    """Launch with the first of ``configs`` that fits the GPU (the one that did last time for ``key`` first);
+    ``None`` when none does. ``OutOfResources`` (shared memory over the device's limit) is raised at launch,
+    before the kernel runs, so a failed try writes nothing."""
+    start = _CHOSEN.get(key, 0)
+    for i in range(start, len(configs)):
+        try:
+            launch(configs[i])
+        except OutOfResources:
+            continue
+        _CHOSEN[key] = i
+        return configs[i]
+    _CHOSEN[key] = len(configs)
+    return None
+
+
+def _corr_torch(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``y[b, h, t] = sum_{s >= t} k[h, s - t] u[b, h, s]`` by ``torch.fft`` (fp32): the convolution of the
+    time-reversed row, reversed back."""
+    return fft_conv_ref(u.float().flip(-1), k.float()).flip(-1)
 
 
 def fft_conv_triton_fwd(
@@ -265,13 +359,17 @@ def fft_conv_triton_fwd(
     block_k: int | None = None,
     num_warps: int | None = None,
     precision: str | None = None,
+    pair: bool | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Host side, no autograd: causal convolution (or, with ``correlate``, the anti-causal correlation
     ``y[t] = sum_{s >= t} k[s - t] u[s]``) of contiguous ``u [B, H, N]`` with ``k [H, N]``, ``N <= MAX_FUSED_N``.
 
     ``out``, if given, is a contiguous tensor like ``u`` that receives the result (tests poison it).
-    ``block_k``, ``num_warps`` and ``precision`` (a ``tl.dot`` input precision) override the tuned defaults,
-    for benchmark sweeps.
+    ``block_k``, ``num_warps``, ``precision`` (a ``tl.dot`` input precision), ``pair`` and ``num_stages``
+    override the tuned configuration, for benchmark sweeps; such a launch raises when it does not fit. Without
+    them the kernel falls back along :func:`_conv_configs` and finally to ``torch.fft`` when the GPU lacks the
+    shared memory; :data:`PATHS` records what ran.
     """
     b, h, n = u.shape
     if out is None:
@@ -279,49 +377,91 @@ def fft_conv_triton_fwd(
     if u.numel() == 0:
         return out
     length, on_device = _launch_options(u)
-    n1, n2, bk, warps = _factors(length)
-    bk = min(block_k or bk, n1)
-    with on_device:
-        _fft_conv_kernel[(h * ((b + 1) // 2),)](
+    n1, n2 = _factors(length)
+    prec = precision or _PREC[u.dtype]
+    configs = _conv_configs(length, prec)
+    overrides = (block_k, num_warps, pair, num_stages)
+    if any(o is not None for o in overrides):
+        c = configs[0]
+        configs = (
+            ConvConfig(
+                c.pair if pair is None else pair,
+                min(block_k or c.block_k, n1),
+                num_stages or c.num_stages,
+                num_warps or c.num_warps,
+            ),
+        )
+    khat = kernel_spectrum(k, length)
+    f1, f2, tw = _constants(length, u.device)
+
+    def launch(c: ConvConfig) -> None:
+        grid = (h * ((b + 1) // 2 if c.pair else b),)
+        _fft_conv_kernel[grid](
             u,
-            kernel_spectrum(k, length),
+            khat,
             skip if skip is not None else u,
             out,
-            *_constants(length, u.device),
+            f1,
+            f2,
+            tw,
             b,
             h,
             n,
             N1=n1,
             N2=n2,
-            BK=bk,
+            BK=c.block_k,
             CONJ=correlate,
             HAS_SKIP=skip is not None,
-            PREC=precision or _PREC[u.dtype],
-            num_warps=num_warps or warps,
+            PAIR=c.pair,
+            PREC=prec,
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
         )
-    return out
+
+    with on_device:
+        if len(configs) == 1:
+            launch(configs[0])
+            ran = configs[0]
+        else:
+            key = ("conv", length, prec, u.dtype, k.dtype, u.device)
+            ran = _first_that_fits(key, configs, launch)
+    if ran is not None:
+        PATHS[ran.describe(length, prec)] += 1
+        return out
+    PATHS[f"torch.fft L={length} (no kernel configuration fits)"] += 1
+    y = _corr_torch(u, k) if correlate else fft_conv_ref(u.float(), k.float())
+    if skip is not None:
+        y = y + skip.float()[:, None] * u.float()
+    return out.copy_(y)
 
 
 def fft_corr_sum_triton(
     a: torch.Tensor, b: torch.Tensor, with_dot: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Host side, no autograd: ``out[h, s] = sum_{b, t} a[b, h, t] b[b, h, t - s]`` for contiguous ``a, b
-    [B, H, N]`` (``N <= MAX_FUSED_N``), fp32 ``[H, N]``; with ``with_dot`` also fp32 ``sum_{b, t} a b`` ``[H]``."""
+    [B, H, N]`` (``N <= MAX_FUSED_N``), fp32 ``[H, N]``; with ``with_dot`` also fp32 ``sum_{b, t} a b`` ``[H]``.
+    Falls back to fewer pipelining stages, then ``torch.fft``, when the GPU lacks the shared memory (:data:`PATHS`)."""
     bsz, h, n = a.shape
     out = torch.zeros((h, n), dtype=torch.float32, device=a.device)
     dot = torch.zeros((h,), dtype=torch.float32, device=a.device) if with_dot else None
     if bsz == 0 or n == 0 or h == 0:
         return out, dot
     length, on_device = _launch_options(a)
-    n1, n2, bk, num_warps = _factors(length)
+    n1, n2 = _factors(length)
+    bk = min(n1, 32)
     prec = "tf32" if a.dtype == b.dtype == torch.bfloat16 else "tf32x3"
-    with on_device:
+    f1, f2, tw = _constants(length, a.device)
+    warps = 4 if length <= 2048 else 8
+
+    def launch(stages: int) -> None:
         _fft_corr_sum_kernel[(h * (n1 // bk),)](
             a,
             b,
             out,
             dot if dot is not None else out,
-            *_constants(length, a.device),
+            f1,
+            f2,
+            tw,
             bsz,
             h,
             n,
@@ -331,8 +471,21 @@ def fft_corr_sum_triton(
             BK=bk,
             HAS_DOT=with_dot,
             PREC=prec,
-            num_warps=num_warps,
+            num_warps=warps,
+            num_stages=stages,
         )
+
+    with on_device:
+        stages = _first_that_fits(("corr", length, prec, a.dtype, b.dtype, a.device), (3, 1), launch)
+    if stages is not None:
+        PATHS[f"triton dk L={length} BK={bk} stages={stages} warps={warps} {prec}"] += 1
+        return out, dot
+    PATHS[f"torch.fft dk L={length} (no kernel configuration fits)"] += 1
+    af, bf = a.float(), b.float()
+    spec = torch.fft.rfft(af, n=2 * n) * torch.fft.rfft(bf, n=2 * n).conj()
+    out.copy_(torch.fft.irfft(spec.sum(0), n=2 * n)[..., :n])
+    if dot is not None:
+        dot.copy_((af * bf).sum((0, 2)))
     return out, dot
 
 
