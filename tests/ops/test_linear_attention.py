@@ -266,6 +266,12 @@ TRITON_CASES = [
     (2, 70, 2, 32, 32, torch.bfloat16, None),
     (2, 70, 2, 32, 32, torch.bfloat16, "scalar"),
     (1, 65, 2, 32, 16, torch.float16, "scalar"),
+    # Neighbours of the fp16 case above, which gave garbage o on an H100 (triton 3.6) though its fp16 operands stay
+    # below 18 (test_triton_fp16_dot_operands): on a GPU they tell a dtype problem (fp16 Dv=32 fails too) from a
+    # 16-wide tile problem (bf16 Dv=16 fails too) and from the gate (no gate fails too).
+    (1, 65, 2, 32, 16, torch.bfloat16, "scalar"),
+    (1, 65, 2, 32, 32, torch.float16, "scalar"),
+    (1, 65, 2, 32, 16, torch.float16, None),
 ]
 
 
@@ -300,6 +306,50 @@ def test_triton_varlen(gate: str | None, device: str) -> None:
     assert_all_close(got, want, torch.float32, grad_names(inputs))
 
 
+@pytest.fixture
+def fp16_dots(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """On CPU, give the interpreted kernels fp16 ``tl.dot`` operands for fp16 inputs, as the GPU does (the
+    interpreter's fp16 dot multiplies the rounded operands and sums in fp32, like the tensor cores); without this the
+    interpreter uses fp32 operands and never sees fp16 rounding or range. On CUDA the kernels are left as they are."""
+    if device == "cuda":
+        return
+    mod = importlib.import_module("tilewise.ops.linear_attention.triton")
+    tl = importlib.import_module("triton.language")
+    dot_args = mod._dot_args
+    monkeypatch.setattr(
+        mod,
+        "_dot_args",
+        lambda dtype, dev: {"DOT": tl.float16, "PREC": "ieee"} if dtype == torch.float16 else dot_args(dtype, dev),
+    )
+
+
+# (batch, seq, heads, dk, dv, gate, log decay a token or None for make_inputs' own). Measured relative RMS errors of
+# dg with fp16 operands (CPU interpreter, before -> after dg was cut at chunk ends, see the dq/dk kernel): head gate
+# 3.1e-2 -> 1.7e-4; g = -5 a token 3.9e-2 -> 2.6e-4; the H100-failing shape 2.4e-3 -> 1.9e-4. Every other tensor
+# 3e-4 to 4e-4 (fp16's unit roundoff is 4.9e-4).
+FP16_DOT_CASES = [
+    (1, 65, 2, 32, 16, "scalar", None),
+    (2, 200, 2, 32, 32, "head", None),
+    (1, 130, 2, 32, 16, "scalar", -5.0),
+    # e^-40 a token: decays reach e^-2560 in a chunk; the gated operands underflow to fp16 subnormals and zeros.
+    (1, 130, 2, 32, 16, "scalar", -40.0),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned_empty", "fp16_dots")
+@pytest.mark.parametrize("case", FP16_DOT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_fp16_dot_operands(case: tuple, device: str) -> None:
+    *shape, gate, log_decay = case
+    inputs = make_inputs(*shape, gate, torch.float16, device)
+    if log_decay is not None:
+        inputs["g"] = torch.full_like(inputs["g"], log_decay).requires_grad_()
+    got = forward_and_grads(triton_call, inputs)
+    want = forward_and_grads(chunked, inputs)
+    # The GPU's fp16 bound: the kernels' only fp16 roundings are dot operands and outputs.
+    assert_all_close(got, want, torch.float16, grad_names(inputs), _triton_rel(torch.float16, "cuda"))
+
+
 @pytest.mark.interpret
 def test_triton_without_state_or_final(device: str) -> None:
     inputs = make_inputs(1, 70, 2, 16, 16, "scalar", device=device)
@@ -323,14 +373,20 @@ def test_triton_empty_sequence(device: str) -> None:
 
 @pytest.mark.interpret
 def test_triton_vector_gate(device: str) -> None:
-    q, k, v = _qkv()
-    g = -torch.rand(1, 5, 2, 8)
+    q, k, v = (t.to(device) for t in _qkv())
+    g = -torch.rand(1, 5, 2, 8, device=device)
     with pytest.raises(ValueError, match="no kernel for the vector gate"):
         linear_attention(q, k, v, g, backend="triton")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        # auto on CPU tensors is the reference anyway: no warning.
-        linear_attention(q, k, v, g)
+    if device == "cuda":
+        # auto picks Triton for CUDA tensors; it has no vector-gate kernel, so the reference runs, with a warning.
+        with pytest.warns(UserWarning, match="vector gate"):
+            o, _ = linear_attention(q, k, v, g)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            # auto on CPU tensors is the reference anyway: no warning.
+            o, _ = linear_attention(q, k, v, g)
+    assert torch.equal(o, linear_attention_chunked(q, k, v, g)[0])
 
 
 @pytest.mark.interpret

@@ -10,7 +10,8 @@ Tokens are cut into chunks of ``BT = 64`` (each packed sequence on its own). Fou
 3. ``_chunk_bwd_dqk_kernel`` and ``_chunk_bwd_dv_kernel``: the chunk's ``dq, dk`` (and the gate's ``dG = q·dq - k·dk``)
    and ``dv`` from ``h_n`` and ``dh_{n+1}``.
 
-The gate's gradient ``dg`` is the reverse cumulative sum of ``dG`` within each sequence (host side, fp64).
+The gate's gradient ``dg`` is the reverse cumulative sum of ``dG`` within each chunk plus the chunk-end state term
+``<dh_{n+1}, h_{n+1}>`` (in the dq/dk kernel); the host only adds the K blocks.
 The autograd pair is registered with ``torch.library`` (``tilewise::linear_attention_chunk`` and its ``_bwd``).
 """
 
@@ -212,10 +213,15 @@ def _chunk_bwd_dqk_kernel(
     DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``dq, dk [BT, BK]`` of one ``(chunk, head, K block)``, and this K block's share of ``dG = q·dq - k·dk``.
+    """``dq, dk [BT, BK]`` of one ``(chunk, head, K block)``, and this K block's share of ``dg``.
 
     ``dq = scale (e^G ⊙ do h_n^T + (mask(do v^T) ⊙ e^{G_i-G_j}) k)``,
     ``dk = e^{G_last-G} ⊙ v dh_{n+1}^T + scale (mask(do v^T) ⊙ e^{G_i-G_j})^T q``.
+
+    ``dg_t = <dh_{n+1}, h_{n+1}> + Σ_{s>=t in the chunk} (q_s·dq_s - k_s·dk_s)``: the reverse sum of ``dΓ`` is cut at
+    the chunk's end, where it equals the state term ``<dh_{n+1}, h_{n+1}> = e^{G_last} <dh_{n+1}, h_n> +
+    Σ_j k_j·(e^{G_last-G_j} v_j dh_{n+1}^T)`` (README, Gate). A sum of ``dΓ`` over the whole sequence would cancel
+    to a small number from terms rounded by 16-bit dot operands.
     """
     i_ch, i_k = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
@@ -231,6 +237,8 @@ def _chunk_bwd_dqk_kernel(
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    # Σ_v h_n ⊙ dh_{n+1} in fp32, per key of this block (for dg's chunk-end term).
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -240,16 +248,20 @@ def _chunk_bwd_dqk_kernel(
         # h^T, dh^T [BV, BK]
         o_hT = o_k[None, :] * V + o_v[:, None]
         m_hT = (o_k < K)[None, :] & (o_v < V)[:, None]
-        b_hT = tl.load(hs + o_hs + o_hT, mask=m_hT, other=0.0).to(DOT)
-        b_dhT = tl.load(dhs + o_hs + o_hT, mask=m_hT, other=0.0).to(DOT)
+        b_hT = tl.load(hs + o_hs + o_hT, mask=m_hT, other=0.0)
+        b_dhT = tl.load(dhs + o_hs + o_hT, mask=m_hT, other=0.0)
+        if USE_G:
+            b_hdh += tl.sum(b_hT * b_dhT, 0)
         b_ds += tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        b_dq += tl.dot(b_do, b_hT, input_precision=PREC)
-        b_dk += tl.dot(b_v, b_dhT, input_precision=PREC)
+        b_dq += tl.dot(b_do, b_hT.to(DOT), input_precision=PREC)
+        b_dk += tl.dot(b_v, b_dhT.to(DOT), input_precision=PREC)
     m_causal = o_t[:, None] >= o_t[None, :]
     if USE_G:
         b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
         b_dq = b_dq * tl.exp(b_gc)[:, None]
         b_dk = b_dk * tl.exp(b_glast - b_gc)[:, None]
+        # This K block's part of <dh_{n+1}, h_{n+1}>; b_dk is still the state term of dk. Masked rows of k are 0.
+        b_dg_end = tl.exp(b_glast) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_k * b_dk, 1), 0)
         b_ds = tl.where(m_causal, b_ds * tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
     else:
         b_ds = tl.where(m_causal, b_ds, 0.0)
@@ -259,8 +271,9 @@ def _chunk_bwd_dqk_kernel(
     tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     if USE_G:
-        # dG for this K block; the host sums the blocks. Masked rows are 0 in q, k.
-        b_dg = tl.sum(b_q * b_dq - b_k * b_dk, 1)
+        # dg for this K block (the host sums the blocks): dΓ = q·dq - k·dk (0 on masked rows, where q, k are 0)
+        # summed from the chunk's end, plus the chunk-end term.
+        b_dg = tl.cumsum(tl.sum(b_q * b_dq - b_k * b_dk, 1), 0, reverse=True) + b_dg_end
         tl.store(dg + (i_k.to(tl.int64) * T_all + bos + o_t) * H + i_h, b_dg, mask=m_t)
 
 
@@ -453,34 +466,12 @@ def linear_attention_fwd(
     return o, ht
 
 
-def _gate_grad(dgk: torch.Tensor, layout: _Layout, batch: int, final_term: torch.Tensor | None) -> torch.Tensor:
-    """``dg [B, T, H]`` from the per-K-block ``dG`` partials ``[NK, B * T, H]``: sum the blocks, add the final
-    state's ``Σ dS_T ⊙ S_T`` at each sequence's last token, and take the reverse cumulative sum within each
-    sequence (fp64, so packed sequences can be separated by subtraction without cancellation)."""
-    d = dgk.sum(0, dtype=torch.float64)
-    seq, heads = layout.seq, d.shape[-1]
-    if not layout.varlen:
-        d = d.view(batch, seq, heads)
-        if final_term is not None and seq:
-            d[:, -1] += final_term
-        return d.flip(1).cumsum(1).flip(1).float()
-    cu = layout.cu_seqlens.long()
-    if final_term is not None:
-        nonempty = (layout.lens > 0).to(d.device)
-        d.index_add_(0, (cu[1:] - 1)[nonempty], final_term.double()[nonempty])
-    rc = torch.cat((d.flip(0).cumsum(0).flip(0), d.new_zeros(1, heads)))
-    seq_id = torch.repeat_interleave(torch.arange(layout.n, device=d.device), layout.lens.to(d.device))
-    # Subtract what the later sequences added: the reverse sum from the end of this token's sequence.
-    return (rc[:-1] - rc[cu[1:]][seq_id]).float().view(1, seq, heads)
-
-
 def linear_attention_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     g: torch.Tensor | None,
     initial_state: torch.Tensor | None,
-    final_state: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
@@ -511,10 +502,8 @@ def linear_attention_bwd(
             _chunk_bwd_dv_kernel[(layout.chunks * heads, triton.cdiv(dv, bv))](
                 qf, kf, gf, dhs, dof, dv_, *chunk_args, scale, **common
             )
-    dg = None
-    if g is not None:
-        final_term = None if dht is None else (dht * final_state).sum((-2, -1))
-        dg = _gate_grad(dgk, layout, batch, final_term)
+    # dg per K block, each already summed from its chunk's end (see _chunk_bwd_dqk_kernel): add the blocks.
+    dg = None if dgk is None else dgk.sum(0).view(g.shape)
     return dq, dk_, dv_, dg, dh0
 
 
@@ -546,19 +535,18 @@ def _chunk_bwd_op(
     v: torch.Tensor,
     g: torch.Tensor | None,
     initial_state: torch.Tensor | None,
-    final_state: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_chunk_op`; ``dg`` and ``d initial_state`` are empty when ``g`` / the state is None."""
-    dq, dk, dv, dg, dh0 = linear_attention_bwd(q, k, v, g, initial_state, final_state, do, dht, cu_seqlens, scale)
+    dq, dk, dv, dg, dh0 = linear_attention_bwd(q, k, v, g, initial_state, do, dht, cu_seqlens, scale)
     return dq, dk, dv, q.new_empty(0) if dg is None else dg, q.new_empty(0) if dh0 is None else dh0
 
 
 @_chunk_bwd_op.register_fake
-def _(q, k, v, g, initial_state, final_state, do, dht, cu_seqlens, scale):
+def _(q, k, v, g, initial_state, do, dht, cu_seqlens, scale):
     dg = q.new_empty(0) if g is None else torch.empty_like(g)
     dh0 = q.new_empty(0) if initial_state is None else torch.empty_like(initial_state)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0
@@ -566,15 +554,15 @@ def _(q, k, v, g, initial_state, final_state, do, dht, cu_seqlens, scale):
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, g, initial_state, cu_seqlens, scale = inputs
-    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, output[1])
+    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens)
     ctx.scale = scale
 
 
 def _backward(ctx, do: torch.Tensor | None, dht: torch.Tensor | None):
-    q, k, v, g, initial_state, cu_seqlens, final_state = ctx.saved_tensors
+    q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(v)
-    dq, dk, dv, dg, dh0 = _chunk_bwd_op(q, k, v, g, initial_state, final_state, do, dht, cu_seqlens, ctx.scale)
+    dq, dk, dv, dg, dh0 = _chunk_bwd_op(q, k, v, g, initial_state, do, dht, cu_seqlens, ctx.scale)
     return dq, dk, dv, None if g is None else dg, None if initial_state is None else dh0, None, None
 
 
