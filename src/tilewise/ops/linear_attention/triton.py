@@ -339,8 +339,10 @@ def _chunk_bwd_dv_kernel(
 
 
 def _block(d: int) -> int:
-    """Tile width along a feature dim: a power of two in [16, 64] (``tl.dot`` needs 16)."""
-    return min(64, max(16, triton.next_power_of_2(d)))
+    """Tile width along a feature dim: a power of two in [32, 64]. ``tl.dot`` accepts 16, but on an H100 with
+    triton 3.6 16-bit dots with a 16-wide tile gave wrong outputs (Dv=16, fp16 and bf16, every gate; fp32 and
+    16-bit at 32 were right), so feature dims below 32 are padded to 32 (masked)."""
+    return min(64, max(32, triton.next_power_of_2(d)))
 
 
 def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:

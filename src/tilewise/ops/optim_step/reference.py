@@ -187,7 +187,7 @@ def _skip(grad: torch.Tensor, state: dict[str, torch.Tensor], skip_nonfinite: bo
 def _lr_terms(lr: float | torch.Tensor, weight_decay: float, bias_correction1: float = 1.0) -> tuple[float, float]:
     """``(1 - lr * weight_decay, lr / bias_correction1)`` computed as ``torch.optim.AdamW`` computes them: in float64
     for a Python ``lr``; for a tensor ``lr``, as tensor ops in ``lr``'s dtype on ``lr``'s device (fp32: each float
-    operand rounded to fp32 first, every op rounded to fp32; on CUDA the division is ``lr * (1 / bc1)``)."""
+    operand rounded to fp32 first, every op rounded to fp32; see README.md for what CUDA gives)."""
     if not isinstance(lr, torch.Tensor):
         return 1 - lr * weight_decay, lr / bias_correction1
     lr = lr.detach().reshape(())

@@ -272,7 +272,10 @@ def _tile_update(
     if OPT == 0:
         b_v = _load_state(tab_t, _V, cv_ptr, KV, i_b, o_r, o_x, m_x, m_r, m_p, FMT, BITS, BS, ROWS, ALIGNED, INTERPRET)
         b_m = _lerp(b_m, b_g, w1)
-        b_v = b_v * beta2 + w2 * b_g * b_g
+        if INTERPRET:  # the reference's (torch CPU's) order: v * beta2 + (w2 * g) * g, no fma
+            b_v = b_v * beta2 + w2 * b_g * b_g
+        else:  # torch's CUDA foreach order: _foreach_mul_, then addcmul's fma(w2, g * g, v)
+            b_v = tl.fma(b_g * b_g, w2, b_v * beta2)
         neg_step_size = tl.load(sc_t + _SC_STEP_SIZE)
         bc2_sqrt = tl.load(sc_t + _SC_BC2_SQRT)
         b_vh = b_v
@@ -291,7 +294,10 @@ def _tile_update(
             b_w = b_w + tl.math.fdiv(neg_step_size * b_m, b_d)
         else:  # fp32/bf16 state: IEEE sqrt and division, as torch computes them
             b_d = tl.div_rn(tl.sqrt_rn(b_vh), bc2_sqrt) + eps
-            b_w = b_w + tl.div_rn(neg_step_size * b_m, b_d)
+            if INTERPRET:  # torch CPU's addcdiv: w + (-step * m) / d
+                b_w = b_w + tl.div_rn(neg_step_size * b_m, b_d)
+            else:  # torch CUDA's foreach addcdiv: fma(-step, m / d, w)
+                b_w = tl.fma(tl.div_rn(b_m, b_d), neg_step_size, b_w)
         _store_state(tab_t, _V, b_v, lutv_ptr, thrv_ptr, midv_ptr, i_b, o_r, o_x, m_x, m_r, m_p, FMT, BITS, BS, ROWS,
                      SV, GV, MV, E0V, NTV, RV, ALIGNED, INTERPRET)  # fmt: skip
     elif OPT == 1:
@@ -373,8 +379,9 @@ def _scalar_kernel(tab, sc_ptr, lr_ptr, T, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1
     every tile program: the float64 powers are ~200 scalar instructions the step kernel would repeat per program.
 
     A tensor ``lr`` (fp32) follows ``torch.optim``'s tensor arithmetic instead (README): ``decay = fp32(1 -
-    fp32(lr * fp32(wd)))`` and ``lr / fp32(bc1)``, which torch computes on CUDA as ``lr * fp32(1 / fp32(bc1))``
-    (``LR_ON_CPU``: as an IEEE division). Launched with FMA contraction off, so each product rounds as torch's."""
+    fp32(lr * fp32(wd)))``; ``lr / bc1`` as ``fp32(lr / fp32(bc1))`` for a CPU ``lr`` (``LR_ON_CPU``) and
+    ``fp32(float64(lr) / bc1)`` for a CUDA one (what torch 2.11 gave on an H100). Launched with FMA contraction
+    off, so each product rounds as torch's."""
     o_t = tl.program_id(0) * BT + tl.arange(0, BT)
     m_t = o_t < T
     p_step = tl.load(tab + o_t.to(tl.int64) * _NS + _STEP, mask=m_t, other=0).to(tl.pointer_type(tl.float32))
@@ -387,8 +394,8 @@ def _scalar_kernel(tab, sc_ptr, lr_ptr, T, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1
         decay = 1.0 - lr * _f64(wd_hi, wd_lo).to(tl.float32)
         if LR_ON_CPU:
             step_size = tl.div_rn(lr, bc1.to(tl.float32))
-        else:
-            step_size = lr * tl.div_rn(tl.full((BT,), 1.0, tl.float32), bc1.to(tl.float32))
+        else:  # measured on an H100 (torch 2.11): a CUDA tensor divided by a Python float rounds once from float64
+            step_size = (lr.to(tl.float64) / bc1).to(tl.float32)
     else:
         lr64 = _f64(lr_hi, lr_lo) + tl.zeros((BT,), tl.float64)
         lr = lr64.to(tl.float32)
