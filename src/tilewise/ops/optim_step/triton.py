@@ -380,8 +380,8 @@ def _scalar_kernel(tab, sc_ptr, lr_ptr, T, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1
 
     A tensor ``lr`` (fp32) follows ``torch.optim``'s tensor arithmetic instead (README): ``decay = fp32(1 -
     fp32(lr * fp32(wd)))``; ``lr / bc1`` as ``fp32(lr / fp32(bc1))`` for a CPU ``lr`` (``LR_ON_CPU``) and
-    ``fp32(float64(lr) / bc1)`` for a CUDA one (what torch 2.11 gave on an H100). Launched with FMA contraction
-    off, so each product rounds as torch's."""
+    ``fp32(lr * fp32(1 / bc1))`` (reciprocal in float64) for a CUDA one (what torch 2.11 gave on an H100).
+    Launched with FMA contraction off, so each product rounds as torch's."""
     o_t = tl.program_id(0) * BT + tl.arange(0, BT)
     m_t = o_t < T
     p_step = tl.load(tab + o_t.to(tl.int64) * _NS + _STEP, mask=m_t, other=0).to(tl.pointer_type(tl.float32))
@@ -394,8 +394,8 @@ def _scalar_kernel(tab, sc_ptr, lr_ptr, T, lr_hi, lr_lo, wd_hi, wd_lo, b1_hi, b1
         decay = 1.0 - lr * _f64(wd_hi, wd_lo).to(tl.float32)
         if LR_ON_CPU:
             step_size = tl.div_rn(lr, bc1.to(tl.float32))
-        else:  # measured on an H100 (torch 2.11): a CUDA tensor divided by a Python float rounds once from float64
-            step_size = (lr.to(tl.float64) / bc1).to(tl.float32)
+        else:  # CUDA divides by a Python float through its reciprocal, taken in float64 (H100, torch 2.11)
+            step_size = lr * (1.0 / bc1).to(tl.float32)
     else:
         lr64 = _f64(lr_hi, lr_lo) + tl.zeros((BT,), tl.float64)
         lr = lr64.to(tl.float32)
