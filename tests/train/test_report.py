@@ -58,7 +58,9 @@ def test_measured_activations_beside_the_estimate(runs: dict[str, Path]) -> None
     activations = memory["measured"]["activations"]
     B, T, V = 2, 16, 256
     assert activations > 4 * B * T * V  # at least the fp32 log-softmax that cross-entropy keeps for backward
-    assert memory["predicted"] == estimate("tiny", Recipe(optim="adamw", batch_size=B, seq_len=T)).as_dict()
+    assert (
+        memory["predicted"] == estimate("tiny", Recipe(optim="adamw", batch_size=B, seq_len=T, device="cpu")).as_dict()
+    )
     # The estimator's per-block formulas are read off these same saved tensors (tests/memory checks a bare forward
     # to 1%); a training step saves nothing more, so 5% leaves room only for small [T]-sized extras, while a
     # missing [B, T, hidden] tensor per block would move it by over 10%.
@@ -76,7 +78,7 @@ def test_report_and_summary_show_the_memory_table(runs: dict[str, Path], capsys:
         "| weights | 3.50 | 3.50 | 1.00 |",
         "| optimizer_state | 7.01 | 7.01 | 1.00 |",
         "| other | 64.00 | n/a | - |",
-        "- Predicted: `tilewise plan --model tiny --optim adamw --batch-size 2 --seq-len 16`.",
+        "- Predicted: `tilewise plan --model tiny --optim adamw --batch-size 2 --seq-len 16 --device cpu`.",
     ]
     assert [line for line in report if line in expected] == expected
     summary = "\n".join(write_report(runs["adamw8bit"], TrainConfig(optim="adamw8bit"), 4.0, Dist())).splitlines()

@@ -53,6 +53,8 @@ class Recipe:
         activation_checkpointing: each ``MetaFormerBlock`` wrapped in ``torch.utils.checkpoint``; default False.
         grad_accum: micro-batches per step (does not change the peak: gradients accumulate in place); default 1.
         min_quant_numel: tensors smaller than this keep fp32 state under 8/4-bit formats; default 4096.
+        device: ``"cuda"`` (default) or ``"cpu"``: the kernels differ in what they save for backward (CUDA's fused
+            RMSNorm keeps its input and ``rstd``; the CPU's composite also keeps ``x * rstd``).
     """
 
     optim: str = "adamw"
@@ -63,8 +65,11 @@ class Recipe:
     activation_checkpointing: bool = False
     grad_accum: int = 1
     min_quant_numel: int = 4096
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"unknown optim {self.optim!r}; use one of {', '.join(OPTIMIZERS)}")
         if self.param_dtype not in DTYPES:
@@ -143,10 +148,16 @@ def _mixer_bytes_per_token(config: MetaFormerConfig, a: int, autocast: bool) -> 
     raise ValueError(f"no activation formula for mixer {config.mixer!r}; formulas exist for attention, pooling, conv")
 
 
-def _block_bytes_per_token(config: MetaFormerConfig, a: int, autocast: bool) -> float:
+def _norm_bytes_per_token(D: int, device: str) -> int:
+    """Saved bytes per token of one RMSNorm (fp32): input and rstd, plus ``x * rstd`` on the CPU (measured with
+    ``benchmarks/saved_tensors.py``: CUDA's fused ``rms_norm`` keeps only the first two)."""
+    return 4 * D + 4 + (4 * D if device == "cpu" else 0)
+
+
+def _block_bytes_per_token(config: MetaFormerConfig, a: int, autocast: bool, device: str = "cuda") -> float:
     """Saved bytes per token of one MetaFormer block in training (no checkpointing)."""
     D, H = config.dim, config.hidden_dim
-    norms = 2 * (4 * D + 4 * D + 4)  # RMSNorm in fp32: input, x * rstd, rstd
+    norms = 2 * _norm_bytes_per_token(D, device)
     if config.mlp == "swiglu":
         mlp = (2 if autocast else 1) * D * a + 4 * H * a  # input; w1 x, w3 x, silu(w1 x), product
     else:
@@ -160,11 +171,11 @@ def _activation_bytes(config: MetaFormerConfig, recipe: Recipe, linear_numel: in
     a = 2 if (autocast or recipe.param_dtype == "bf16") else 4
     p = 4 if recipe.param_dtype == "fp32" else 2
     BT, D, V, L = recipe.batch_size * recipe.seq_len, config.dim, config.vocab_size, config.n_layers
-    block = _block_bytes_per_token(config, a, autocast) * BT
+    block = _block_bytes_per_token(config, a, autocast, recipe.device) * BT
     if config.mixer == "attention":
         block += 2 * recipe.seq_len * (D // config.n_heads) * a  # RoPE cos, sin [T, Dh]
     # tokens and targets (int64); final norm; the head's input; log_softmax output in fp32 [B, T, V]
-    head = BT * (8 + 8 + (8 * D + 4) + D * a + 4 * V)
+    head = BT * (8 + 8 + _norm_bytes_per_token(D, recipe.device) + D * a + 4 * V)
     head_numel = V * D  # the output projection (or the tied embedding) is cast too
     block_numel = (linear_numel - (0 if config.tie_embeddings else head_numel)) // L
     if recipe.activation_checkpointing:
@@ -219,6 +230,7 @@ def plan_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast for fp32 parameters")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--mixer", default=None, help=f"token mixer: {', '.join(sorted(MIXERS))}")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run will train")
     args = parser.parse_args(argv)
     try:
         recipe = Recipe(
@@ -228,6 +240,7 @@ def plan_main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             seq_len=args.seq_len,
             activation_checkpointing=args.checkpointing,
+            device=args.device,
         )
         breakdown = estimate(args.model, recipe, mixer=args.mixer)
     except ValueError as err:

@@ -41,6 +41,7 @@ def _recipe(config: TrainConfig, ctx: Dist, device: torch.device) -> Recipe:
         seq_len=config.seq_len,
         activation_checkpointing=config.activation_checkpointing,
         grad_accum=config.grad_accum,
+        device=device.type,
     )
 
 
@@ -48,6 +49,7 @@ def _plan_command(config: TrainConfig, recipe: Recipe) -> str:
     flags = f"--model {config.model} --optim {recipe.optim} --batch-size {recipe.batch_size} --seq-len {recipe.seq_len}"
     flags += f" --mixer {config.mixer}" if config.mixer else ""
     flags += " --autocast" if recipe.autocast_bf16 else ""
+    flags += " --device cpu" if recipe.device == "cpu" else ""
     return f"tilewise plan {flags}" + (" --checkpointing" if recipe.activation_checkpointing else "")
 
 
