@@ -1,0 +1,171 @@
+"""tilewise.ops.block_sparse_attention: the dense masked reference against SDPA and a token-by-token loop, the
+Triton kernels against the reference (forward and gradients, under the interpreter on CPU), the block selector,
+and the errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from tilewise._testing import assert_close
+from tilewise.ops import block_sparse_attention, select_blocks
+from tilewise.ops.block_sparse_attention.reference import causal_block_mask
+
+
+def qkv(batch: int, heads: int, seq: int, dim: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    return [torch.randn(batch, heads, seq, dim, device=device).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def random_mask(batch: int, heads: int, seq: int, block_size: int, p: float = 0.5, device: str = "cpu"):
+    """Random causal-irrelevant bits with the diagonal kept (blocks above it are set too: they must be ignored)."""
+    nb = -(-seq // block_size)
+    m = torch.rand(batch, heads, nb, nb, device=device) < p
+    m.diagonal(dim1=-2, dim2=-1).fill_(True)
+    return m
+
+
+def naive(q, k, v, block_mask, block_size, scale):
+    """Per query, a float64 softmax over exactly the keys it may see: the definition, one token at a time."""
+    batch, heads, seq, _ = q.shape
+    o = torch.empty(q.shape, dtype=torch.float64)
+    q, k, v = (t.detach().double() for t in (q, k, v))
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(seq):
+                keys = [j for j in range(i + 1) if block_mask[b, h, i // block_size, j // block_size]]
+                p = torch.softmax(torch.stack([q[b, h, i] @ k[b, h, j] * scale for j in keys]), 0)
+                o[b, h, i] = sum(pj * v[b, h, j] for pj, j in zip(p, keys, strict=True))
+    return o
+
+
+@pytest.mark.parametrize("seq", [1, 63, 64, 100, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_full_mask_is_causal_sdpa(seq, dtype):
+    q, k, v = qkv(2, 3, seq, 32, dtype)
+    full = torch.ones(1, 1, -(-seq // 64), -(-seq // 64), dtype=torch.bool)
+    o = block_sparse_attention(q, k, v, full, backend="reference")
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    # bf16: both compute in fp32 from the same bf16 inputs; ours rounds to bf16 once at the end.
+    assert_close(o.float(), ref, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+
+
+@pytest.mark.parametrize(("seq", "block_size"), [(63, 16), (100, 32), (130, 64)])
+def test_reference_matches_naive_loop(seq, block_size):
+    q, k, v = qkv(1, 2, seq, 32)
+    mask = random_mask(1, 2, seq, block_size, p=0.4)
+    o = block_sparse_attention(q, k, v, mask, block_size=block_size, scale=0.3, backend="reference")
+    assert_close(o.double(), naive(q, k, v, mask, block_size, 0.3), torch.float32)
+
+
+def test_reference_ignores_blocks_above_the_diagonal():
+    q, k, v = qkv(1, 1, 96, 32)
+    lower = torch.eye(3, dtype=torch.bool)[None, None] | causal_block_mask(3)[None, None] & (torch.rand(3, 3) < 0.5)
+    upper = lower | ~causal_block_mask(3)
+    a = block_sparse_attention(q, k, v, lower, block_size=32, backend="reference")
+    b = block_sparse_attention(q, k, v, upper, block_size=32, backend="reference")
+    assert torch.equal(a, b)
+
+
+def test_reference_gradients_flow_only_through_kept_blocks():
+    q, k, v = qkv(1, 1, 64, 32)
+    mask = torch.eye(2, dtype=torch.bool)[None, None]  # diagonal only: the second query block never sees block 0
+    o = block_sparse_attention(q, k, v, mask, block_size=32, backend="reference")
+    (dk,) = torch.autograd.grad(o[..., 32:, :].sum(), k)
+    assert torch.count_nonzero(dk[..., :32, :]) == 0
+    assert torch.count_nonzero(dk[..., 32:, :]) > 0
+
+
+# --- selector ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("seq", "block_size", "stride"), [(64, 16, 4), (100, 32, 8), (257, 64, 8), (5, 16, 16)])
+def test_selector_shape_diagonal_sink_causal(seq, block_size, stride):
+    q, k, _ = qkv(2, 3, seq, 64)
+    m = select_blocks(q, k, block_size=block_size, stride=stride, threshold=0.3)
+    nb = -(-seq // block_size)
+    assert m.shape == (2, 3, nb, nb)
+    assert m.dtype == torch.bool
+    assert bool(m.diagonal(dim1=-2, dim2=-1).all())
+    assert bool(m[..., 0].all())
+    assert not bool((m & ~causal_block_mask(nb)).any())
+
+
+def test_selector_threshold_one_keeps_every_causal_block():
+    q, k, _ = qkv(1, 2, 200, 32)
+    m = select_blocks(q, k, block_size=16, stride=4, threshold=1.0)
+    assert torch.equal(m, causal_block_mask(13).expand(1, 2, 13, 13))
+
+
+def test_selector_is_monotone_in_threshold():
+    q, k, _ = qkv(2, 2, 256, 32)
+    k = k + 3 * q  # peaked attention, so low thresholds drop blocks
+    masks = [select_blocks(q, k, block_size=16, stride=4, threshold=t) for t in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)]
+    counts = [int(m.sum()) for m in masks]
+    for lo, hi in itertools.pairwise(masks):
+        assert not bool((lo & ~hi).any())
+    assert counts[0] < counts[-1]
+
+
+def test_selector_finds_the_block_that_holds_the_attention():
+    """Keys of block 2 copy the queries of block 5 (scaled up): that block must be picked for query block 5."""
+    q, k, _ = (t.detach() for t in qkv(1, 1, 128, 32))
+    k[..., 32:48, :] = 4 * q[..., 80:96, :].flip(-2)
+    m = select_blocks(q, k, block_size=16, stride=4, threshold=0.5)
+    assert bool(m[0, 0, 5, 2])
+    assert int(m[0, 0, 5].sum()) <= 4
+
+
+def test_selector_antidiagonal_logits_match_the_loop():
+    from tilewise.ops.block_sparse_attention.reference import _antidiagonal_logits
+
+    q, k, _ = (t.detach() for t in qkv(1, 1, 16, 8 * 4))
+    got = _antidiagonal_logits(q, k, 4, 1.0)
+    want = torch.empty(4, 4)
+    for a in range(4):
+        for b in range(4):
+            want[a, b] = sum(q[0, 0, 4 * a + 3 - i] @ k[0, 0, 4 * b + i] for i in range(4)) / 4
+    assert_close(got[0, 0], want, torch.float32)
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+
+
+def test_errors():
+    q, k, v = (t.detach() for t in qkv(1, 2, 64, 32))
+    mask = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="diagonal"):
+        block_sparse_attention(q, k, v, torch.zeros(1, 2, 1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"block_mask must be \[B, H, NB, NB\]"):
+        block_sparse_attention(q, k, v, torch.ones(1, 2, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        block_sparse_attention(q, k, v, mask.int())
+    with pytest.raises(ValueError, match="head dim"):
+        block_sparse_attention(q[..., :16], k[..., :16], v[..., :16], mask)
+    with pytest.raises(ValueError, match="block_size"):
+        block_sparse_attention(q, k, v, mask, block_size=48)
+    with pytest.raises(ValueError, match="shape"):
+        block_sparse_attention(q, k[:, :1], v, mask)
+    with pytest.raises(ValueError, match="dtype"):
+        block_sparse_attention(q, k.half(), v, mask)
+    with pytest.raises(ValueError, match="not a backend"):
+        block_sparse_attention(q, k, v, mask, backend="cuda")
+    with pytest.raises(TypeError, match="block_mask"):
+        block_sparse_attention(q, k, v, [[True]])
+    with pytest.raises(ValueError, match="threshold"):
+        select_blocks(q, k, threshold=0.0)
+    with pytest.raises(ValueError, match="stride"):
+        select_blocks(q, k, block_size=16, stride=32)
+    with pytest.raises(ValueError, match="stride"):
+        select_blocks(q, k, stride=3)
+
+
+def test_block_mask_broadcasts_over_batch_and_heads():
+    q, k, v = (t.detach() for t in qkv(2, 3, 64, 32))
+    mask = random_mask(1, 1, 64, 16)
+    a = block_sparse_attention(q, k, v, mask, block_size=16, backend="reference")
+    b = block_sparse_attention(q, k, v, mask.expand(2, 3, 4, 4), block_size=16, backend="reference")
+    assert torch.equal(a, b)
+    assert math.isfinite(float(a.sum()))
