@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tilewise._testing import assert_close
+from tilewise._testing import assert_close, assert_rel_rms, poison_
 from tilewise.ops import block_sparse_attention, select_blocks
 from tilewise.ops.block_sparse_attention.reference import causal_block_mask
 
@@ -76,6 +76,73 @@ def test_reference_gradients_flow_only_through_kept_blocks():
     (dk,) = torch.autograd.grad(o[..., 32:, :].sum(), k)
     assert torch.count_nonzero(dk[..., :32, :]) == 0
     assert torch.count_nonzero(dk[..., 32:, :]) > 0
+
+
+# --- Triton (interpreter on CPU) ------------------------------------------------------------------------------
+
+# Relative RMS error between the kernel and the fp32 reference, by input dtype. fp32: both in fp32, summed in a
+# different order (online softmax). bf16: outputs and gradients rounded to bf16 (u = 2^-8); on a GPU the kernel also
+# rounds p and ds to bf16 before the dots, as flash attention does.
+REL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def forward_and_grads(q, k, v, mask, block_size, backend):
+    o = block_sparse_attention(q, k, v, mask, block_size=block_size, scale=0.2, backend=backend)
+    gen = torch.Generator(device=o.device).manual_seed(0)
+    do = torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype)
+    return [o, *torch.autograd.grad(o, (q, k, v), do)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Fresh tensors from ``torch.empty`` / ``torch.empty_like`` come filled with NaN, so an unwritten output fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison_(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison_(empty_like(*a, **kw)))
+
+
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize(("seq", "block_size", "dim"), [(64, 32, 32), (100, 32, 64), (192, 64, 32), (1, 32, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_matches_reference(seq, block_size, dim, dtype, device):
+    q, k, v = qkv(1, 2, seq, dim, dtype, device)
+    mask = random_mask(1, 2, seq, block_size, p=0.5, device=device)
+    got = forward_and_grads(q, k, v, mask, block_size, "triton")
+    want = forward_and_grads(q, k, v, mask, block_size, "reference")
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want, strict=True):
+        assert a.dtype == dtype
+        assert_rel_rms(a, b, REL[dtype], floor=1e-6, msg=name)
+
+
+@pytest.mark.interpret
+def test_triton_full_mask_is_causal_sdpa(device):
+    q, k, v = (t.detach() for t in qkv(2, 1, 100, 32, device=device))
+    o = block_sparse_attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool, device=device), block_size=32,
+                               backend="triton")  # fmt: skip
+    assert_rel_rms(o, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), 1e-5)
+
+
+@pytest.mark.interpret
+def test_triton_with_selected_blocks(device):
+    q, k, v = qkv(1, 2, 128, 64, device=device)
+    mask = select_blocks(q, k, block_size=32, stride=8, threshold=0.5)
+    got = forward_and_grads(q, k, v, mask, 32, "triton")
+    want = forward_and_grads(q, k, v, mask, 32, "reference")
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want, strict=True):
+        assert_rel_rms(a, b, REL[torch.float32], floor=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_gpu_sizes(dim, dtype):
+    q, k, v = qkv(2, 3, 1000, dim, dtype, "cuda")
+    mask = random_mask(2, 3, 1000, 64, p=0.3, device="cuda")
+    got = forward_and_grads(q, k, v, mask, 64, "triton")
+    want = forward_and_grads(q, k, v, mask, 64, "reference")
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want, strict=True):
+        assert_rel_rms(a, b, 1e-2, floor=1e-6, msg=name)
 
 
 # --- selector ---------------------------------------------------------------------------------------------------
