@@ -52,7 +52,7 @@ def test_reference_full_mask_is_causal_sdpa(seq, dtype):
     assert_close(o.float(), ref, torch.float32 if dtype == torch.float32 else torch.bfloat16)
 
 
-@pytest.mark.parametrize(("seq", "block_size"), [(63, 16), (100, 32), (130, 64)])
+@pytest.mark.parametrize(("seq", "block_size"), [(63, 32), (100, 32), (130, 64)])
 def test_reference_matches_naive_loop(seq, block_size):
     q, k, v = qkv(1, 2, seq, 32)
     mask = random_mask(1, 2, seq, block_size, p=0.4)
@@ -213,6 +213,8 @@ def test_errors():
         block_sparse_attention(q[..., :16], k[..., :16], v[..., :16], mask)
     with pytest.raises(ValueError, match="block_size"):
         block_sparse_attention(q, k, v, mask, block_size=48)
+    with pytest.raises(ValueError, match="block_size"):
+        block_sparse_attention(q, k, v, torch.ones(1, 2, 4, 4, dtype=torch.bool), block_size=16)
     with pytest.raises(ValueError, match="shape"):
         block_sparse_attention(q, k[:, :1], v, mask)
     with pytest.raises(ValueError, match="dtype"):
@@ -231,8 +233,8 @@ def test_errors():
 
 def test_block_mask_broadcasts_over_batch_and_heads():
     q, k, v = (t.detach() for t in qkv(2, 3, 64, 32))
-    mask = random_mask(1, 1, 64, 16)
-    a = block_sparse_attention(q, k, v, mask, block_size=16, backend="reference")
-    b = block_sparse_attention(q, k, v, mask.expand(2, 3, 4, 4), block_size=16, backend="reference")
+    mask = random_mask(1, 1, 64, 32)
+    a = block_sparse_attention(q, k, v, mask, block_size=32, backend="reference")
+    b = block_sparse_attention(q, k, v, mask.expand(2, 3, 2, 2), block_size=32, backend="reference")
     assert torch.equal(a, b)
     assert math.isfinite(float(a.sum()))

@@ -37,11 +37,12 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None
         raise ValueError(f"the head dim D must be one of {HEAD_DIMS}, got {q.shape[-1]}; pad q, k, v to one")
 
 
-def _check_block_size(block_size: int) -> int:
+def _check_block_size(block_size: int, low: int = 16, high: int | None = None) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16 (e.g. 64), got {block_size}")
+    top = f" and <= {high}" if high else ""
+    if block_size < low or block_size & (block_size - 1) or (high and block_size > high):
+        raise ValueError(f"block_size must be a power of two >= {low}{top} (e.g. 64), got {block_size}")
     return block_size
 
 
@@ -89,7 +90,7 @@ def block_sparse_attention(
         q, k, v: ``[B, H, T, D]``, one dtype (float32, float16 or bfloat16), ``D`` in {32, 64, 128}, any ``T``.
         block_mask: bool ``[B, H, NB, NB]``, ``NB = ceil(T / block_size)`` (``B`` or ``H`` may be 1 to
             broadcast); every diagonal block must be kept. See :func:`select_blocks`.
-        block_size: tokens per block, a power of two >= 16; default 64.
+        block_size: tokens per block, a power of two in [32, 128]; default 64.
         scale: multiplies ``q . k``; default ``D ** -0.5``.
         backend: ``"auto"`` (Triton for CUDA tensors when Triton imports, else the dense masked PyTorch
             reference), ``"triton"`` or ``"reference"``; ``TILEWISE_BACKEND`` overrides ``"auto"``.
@@ -112,7 +113,9 @@ def block_sparse_attention(
         torch.Size([1, 2, 128, 32])
     """
     _check_qkv(q, k, v)
-    block_size = _check_block_size(block_size)
+    # >= 32: 16-wide 16-bit tl.dot tiles were wrong on an H100 with triton 3.6 (see linear_attention);
+    # <= 128: a [block, 128] fp32 accumulator per program is the most the kernels are laid out for.
+    block_size = _check_block_size(block_size, 32, 128)
     block_mask = _check_block_mask(block_mask, q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve_backend(backend, q, k, v) == "reference":
