@@ -141,7 +141,7 @@ def select_blocks(
     strided reshapes of q and k, ``T / stride`` long), softmaxed per row and summed per block (README.md).
 
     Args:
-        q, k: ``[B, H, T, D]`` (one dtype and device; any float dtype, math in fp32).
+        q, k: ``[B, H, T, D]``, as for :func:`block_sparse_attention` (math in fp32).
         block_size: tokens per block, a power of two >= 16, a multiple of ``stride``; default 64.
         stride: antidiagonal sampling stride, a power of two dividing ``block_size``; default 8.
         threshold: in ``(0, 1]``; 1.0 keeps every causal block. Default 0.9.
