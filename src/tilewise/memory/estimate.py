@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tilewise.nn import CONFIGS, MIXERS, MetaFormerConfig, build_model
+from tilewise.nn.metaformer import _mixer_kwargs
 from tilewise.ops.optim_step import QUANT_FORMATS, init_state
 
 __all__ = ["CATEGORIES", "OPTIMIZERS", "Breakdown", "Recipe", "estimate", "plan_main"]
@@ -134,9 +135,13 @@ def _optimizer_bytes(params: list[torch.Tensor], recipe: Recipe) -> int:
     return total
 
 
-def _mixer_bytes_per_token(config: MetaFormerConfig, a: int, autocast: bool) -> float:
-    """Saved bytes per token of one block's token mixer, its input cast(s) included (README.md, "Mixers")."""
+def _mixer_bytes_per_token(config: MetaFormerConfig, a: int, autocast: bool, device: str = "cuda") -> float:
+    """Saved bytes per token of one block's token mixer, its input cast(s) included (README.md, "Mixers").
+
+    Terms that do not scale with ``B * T`` (padding, kernels, per-chunk tensors) are in :func:`_mixer_bytes_per_layer`.
+    """
     D = config.dim
+    kw = _mixer_kwargs(config)
     if config.mixer == "attention":
         # normed input (one copy, or one bf16 cast per projection under autocast), q and k after RoPE, v
         # (repeated to all heads under GQA), output; plus the fp32 logsumexp [B, H, T]
@@ -145,7 +150,85 @@ def _mixer_bytes_per_token(config: MetaFormerConfig, a: int, autocast: bool) -> 
         return 0.0  # parameter-free: saves only [T] index and count tensors
     if config.mixer == "conv":
         return D * a  # the left-padded input [B, D, T + k - 1]
-    raise ValueError(f"no activation formula for mixer {config.mixer!r}; formulas exist for attention, pooling, conv")
+    if config.mixer == "sepconv":
+        # pw1's input (one cast under autocast too: one projection reads it), StarReLU's input, the depthwise
+        # conv's padded input (padding in _mixer_bytes_per_layer), pw2's input
+        return D * a + 3 * int(kw.get("expansion", 2.0) * D) * a
+    if config.mixer == "fft_conv":
+        # in_proj's input (D a), the short conv's padded 3D input and its output x0, x1, v (3 D a each), y (for
+        # x0 * y), out_proj's input: 9 D a; u = x1 * v in fp32 for the skip term (u itself in fp32, a copy
+        # otherwise): 4 D; the op: u zero-padded to 2T in fp32 (8 D) and its rfft [B, D, T + 1] complex64 (8 D)
+        return 9 * D * a + 4 * D + 16 * D
+    if config.mixer == "linear_attention":
+        h = kw.get("n_heads", config.n_heads)
+        if kw.get("feature_map", "l2norm") != "l2norm":
+            raise ValueError("no activation formula for linear_attention with feature_map='elu' (only 'l2norm')")
+        # the normed input (one bf16 cast per projection under autocast: wq, wk, wv, wg, wr); per feature map
+        # the projection and its norm (h a, and its expanded clamp h a); logsigmoid's fp32 input and buffer;
+        # the per-head output RMSNorm (fp32 like the block's); o, silu's input and output, wo's input.
+        # The op's own tensors are per sequence and chunk: _mixer_bytes_per_layer.
+        inputs = (5 if autocast else 1) * D * a
+        return inputs + 2 * (D * a + 2 * h * a) + 8 * h + h * _norm_bytes_per_token(D // h, device) + 4 * D * a
+    raise ValueError(
+        f"no activation formula for mixer {config.mixer!r}; formulas exist for attention, pooling, conv, sepconv, "
+        "fft_conv, linear_attention"
+    )
+
+
+def _linear_attention_op_bytes(B: int, T: int, D: int, h: int, autocast: bool) -> int:
+    """Saved bytes of :func:`tilewise.ops.linear_attention`'s chunked PyTorch reference (the CPU path) with a scalar
+    gate, for a whole batch: per sequence its fp32 copies, per chunk of ``CHUNK`` tokens the ``[h, C, C]`` scores,
+    decays and causal mask, the state, and the chunk's operands (bf16 casts under autocast). Measured on the CPU
+    with ``benchmarks/saved_tensors.py``; the Triton kernels (CUDA) save other tensors (unverified).
+
+    The last chunk's state update feeds only the final state, which the mixer drops: its saved tensors are freed
+    when the op returns, so they are not counted (a hook counts them at save time; see README.md)."""
+    from tilewise.ops.linear_attention.reference import CHUNK
+
+    Dh = D // h
+    total = 0
+    for start in range(0, T, CHUNK):
+        C = min(CHUNK, T - start)
+        later = start > 0  # the incoming state requires grad: q's operand is kept for q @ state too
+        if autocast:
+            # mask; bf16 k^T, q, q @ state, v (twice), (k * decay)^T (+ q again); fp32 decay of the scores, bf16
+            # scores and attn; state in bf16 (matmul) and fp32 (decay); gc.exp, (last - gc).exp; last.exp
+            total += C * C + (6 + later) * C * D * 2 + h * C * C * (4 + 2 + 2) + h * Dh * Dh * (2 + 4)
+        else:
+            # mask; scores, their decay, attn [h, C, C]; state; q @ state, (k * decay)^T
+            total += C * C + 3 * h * C * C * 4 + h * Dh * Dh * 4 + 2 * C * D * 4
+        total += 2 * h * C * 4 + 4 * h
+        if start + C == T:  # freed with the dropped final state: the last update's operands
+            if autocast:  # fp32 state, bf16 v and (k * decay)^T; the fp32 k copy when no earlier chunk keeps it
+                total -= h * Dh * Dh * 4 + 2 * C * D * 2 + (T * D * 4 if start == 0 else 0)
+            else:  # (k * decay)^T
+                total -= C * D * 4
+    per_seq = (1 if autocast else 3) * T * D * 4  # fp32 k (autocast: the only fp32 operand kept); else q * scale, k, v
+    return B * (per_seq + total)
+
+
+def _mixer_bytes_per_layer(config: MetaFormerConfig, recipe: Recipe, a: int, autocast: bool) -> int:
+    """Saved bytes of one block's mixer that do not scale with ``B * T``: RoPE tables, convolution padding, kernel
+    spectra, the linear-attention op's per-chunk tensors; plus the conv weights' bf16 copies under autocast (not
+    ``nn.Linear``, so not in :func:`_activation_bytes`'s weight casts)."""
+    B, T, D = recipe.batch_size, recipe.seq_len, config.dim
+    p = 4 if recipe.param_dtype == "fp32" else 2
+    kw = _mixer_kwargs(config)
+    if config.mixer == "attention":
+        return 2 * T * (D // config.n_heads) * a  # RoPE cos, sin [T, Dh]
+    if config.mixer == "sepconv":
+        E, k = int(kw.get("expansion", 2.0) * D), kw.get("kernel_size", 7)
+        return B * (k - 1) * E * a + (E * k * 2 if autocast else 0)  # left padding; dwconv weight cast
+    if config.mixer == "fft_conv":
+        k = kw.get("short_kernel", 3)
+        short = B * (k - 1) * 3 * D * a + (3 * D * k * 2 if autocast else 0)  # padding; weight cast
+        # the window [D, T] (parameter dtype), the kernel zero-padded to 2T in fp32, its rfft [D, T + 1] complex64;
+        # u's rfft has T + 1 bins (the +1 per sequence)
+        skip = 4 * D if p != 4 else 0  # skip.to(fp32) when the parameters are bf16
+        return short + D * T * p + 8 * D * T + 8 * D * (T + 1) + 8 * B * D + skip
+    if config.mixer == "linear_attention":
+        return _linear_attention_op_bytes(B, T, D, kw.get("n_heads", config.n_heads), autocast)
+    return 0
 
 
 def _norm_bytes_per_token(D: int, device: str) -> int:
@@ -162,7 +245,7 @@ def _block_bytes_per_token(config: MetaFormerConfig, a: int, autocast: bool, dev
         mlp = (2 if autocast else 1) * D * a + 4 * H * a  # input; w1 x, w3 x, silu(w1 x), product
     else:
         mlp = D * a + 2 * H * a  # input; w1 x, gelu(w1 x)
-    return norms + _mixer_bytes_per_token(config, a, autocast) + mlp
+    return norms + _mixer_bytes_per_token(config, a, autocast, device) + mlp
 
 
 def _activation_bytes(config: MetaFormerConfig, recipe: Recipe, linear_numel: int) -> int:
@@ -172,8 +255,7 @@ def _activation_bytes(config: MetaFormerConfig, recipe: Recipe, linear_numel: in
     p = 4 if recipe.param_dtype == "fp32" else 2
     BT, D, V, L = recipe.batch_size * recipe.seq_len, config.dim, config.vocab_size, config.n_layers
     block = _block_bytes_per_token(config, a, autocast, recipe.device) * BT
-    if config.mixer == "attention":
-        block += 2 * recipe.seq_len * (D // config.n_heads) * a  # RoPE cos, sin [T, Dh]
+    block += _mixer_bytes_per_layer(config, recipe, a, autocast)
     # tokens and targets (int64); final norm; the head's input; log_softmax output in fp32 [B, T, V]
     head = BT * (8 + 8 + _norm_bytes_per_token(D, recipe.device) + D * a + 4 * V)
     head_numel = V * D  # the output projection (or the tied embedding) is cast too
