@@ -4,12 +4,12 @@
 # Steps: install the peer wheels from .whl/ into $SITE (/tmp/site); `tilewise env`; the test suite (kernel tests --
 # `gpu` and `interpret` marks, which run the Triton kernels on the real GPU there -- then the rest);
 # benchmarks/gpu_blockquant.py and benchmarks/gpu_hadamard.py when present; `tilewise bench quant` and
-# `tilewise bench hadamard` with --json. A failing step does not stop the run: each step's status is printed at
-# the end, after the two bench tables. Logs and JSON go to $OUT (default runs/gpu-<time>): run_gpu.log,
-# bench_quant.json, bench_hadamard.json, summary.txt.
+# `tilewise bench hadamard` and `tilewise bench mixers` with --json. A failing step does not stop the run: each
+# step's status is printed at the end, after the bench tables. Logs and JSON go to $OUT (default
+# runs/gpu-<time>): run_gpu.log, bench_quant.json, bench_hadamard.json, bench_mixers.json, summary.txt.
 # Time: every step has a cap, the bench steps keep BENCH_RESERVE_S seconds for themselves (they took ~65 s on an
-# H100, torchao compiling included), and the run stays under TOTAL_S seconds (default 480), inside the device
-# tool's 600 s per command.
+# H100, torchao compiling included; mixers, new, gets what they leave: at least 120 s), and the run
+# stays under TOTAL_S seconds (default 560), inside the device tool's 600 s per command.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -19,8 +19,8 @@ OUT="${OUT:-runs/gpu-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 LOG="$OUT/run_gpu.log"
 : >"$LOG"
-TOTAL_S="${TOTAL_S:-480}"
-BENCH_RESERVE_S="${BENCH_RESERVE_S:-180}"
+TOTAL_S="${TOTAL_S:-560}"
+BENCH_RESERVE_S="${BENCH_RESERVE_S:-260}"
 START=$(date +%s)
 PY="${PY:-python3}"
 SITE="${SITE:-/tmp/site}"
@@ -97,11 +97,12 @@ for script in gpu_blockquant gpu_hadamard; do
     skip "$script" "no benchmarks/$script.py"
   fi
 done
-step bench-quant 140 40 $PY -m tilewise bench quant --json "$OUT/bench_quant.json"
-step bench-hadamard 60 0 $PY -m tilewise bench hadamard --json "$OUT/bench_hadamard.json"
+step bench-quant 140 160 $PY -m tilewise bench quant --json "$OUT/bench_quant.json"
+step bench-hadamard 60 120 $PY -m tilewise bench hadamard --json "$OUT/bench_hadamard.json"
+step bench-mixers 140 0 $PY -m tilewise bench mixers --json "$OUT/bench_mixers.json"
 
 {
-  for suite in quant hadamard; do
+  for suite in quant hadamard mixers; do
     echo
     echo "=== tilewise bench $suite"
     if [[ -s $OUT/bench_$suite.json ]]; then

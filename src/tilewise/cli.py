@@ -135,7 +135,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time a suite of tilewise ops beside the installed peers, on the same inputs")
-    p.add_argument("suite", help="suite name, e.g. quant")
+    p.add_argument("suite", help="suite name: quant, hadamard, optim or mixers")
     p.add_argument("--numel", type=_positive_int, help="elements per input tensor (default: the suite's)")
     p.add_argument("--repeats", type=_positive_int, help="timed repeats per measurement (default: the suite's)")
     p.add_argument("--device", help="torch device, e.g. cuda or cpu (default: the suite's, cuda when present)")

@@ -6,9 +6,10 @@ Example:
     >>> print(format_table(rows))
 
 Suites: ``quant`` (block-wise quantize/dequantize vs bitsandbytes and torchao), ``hadamard`` (the Walsh-Hadamard
-transform vs a dense matmul and fast_hadamard_transform) and ``optim`` (an AdamW step on quantized state vs torch,
-bitsandbytes and torchao). Importing this package imports neither Triton nor any
-peer and does not initialise CUDA; a suite does that when it runs.
+transform vs a dense matmul and fast_hadamard_transform), ``optim`` (an AdamW step on quantized state vs torch,
+bitsandbytes and torchao) and ``mixers`` (linear attention, block-sparse attention and fft_conv, forward and
+forward + backward, vs causal SDPA, FlexAttention, the torch.fft conv and fla). Importing this package imports
+neither Triton nor any peer and does not initialise CUDA; a suite does that when it runs.
 """
 
 from __future__ import annotations

@@ -83,7 +83,12 @@ ROW_KEYS: tuple[str, ...] = (
 
 _SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {}
 # Modules whose import registers the built-in suites.
-_BUILTIN_SUITES = ("tilewise.bench.quant", "tilewise.bench.hadamard", "tilewise.bench.optim")
+_BUILTIN_SUITES = (
+    "tilewise.bench.quant",
+    "tilewise.bench.hadamard",
+    "tilewise.bench.optim",
+    "tilewise.bench.mixers",
+)
 # An op whose bytes are under this many L2 sizes gets the L2 flushed before each timed call.
 _FLUSH_L2_BELOW = 8
 _DEFAULT_L2_BYTES = 50 << 20
