@@ -160,6 +160,18 @@ def test_selector_shape_diagonal_sink_causal(seq, block_size, stride):
     assert not bool((m & ~causal_block_mask(nb)).any())
 
 
+def test_selector_and_reference_take_non_contiguous_inputs():
+    """[B, T, H, D] tensors transposed to [B, H, T, D] (views, as a model produces them) give the same results as
+    contiguous copies (the selector's strided reshapes once required contiguous inputs)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv(2, 64, 3, 32))  # [2, 3, 64, 32] views
+    assert not q.is_contiguous()
+    m = select_blocks(q, k, block_size=32, stride=8, threshold=0.5)
+    assert torch.equal(m, select_blocks(q.contiguous(), k.contiguous(), block_size=32, stride=8, threshold=0.5))
+    o = block_sparse_attention(q, k, v, m, block_size=32, backend="reference")
+    expected = block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), m, block_size=32)
+    assert torch.equal(o, expected)
+
+
 def test_selector_threshold_one_keeps_every_causal_block():
     q, k, _ = qkv(1, 2, 200, 32)
     m = select_blocks(q, k, block_size=16, stride=4, threshold=1.0)

@@ -43,8 +43,8 @@ def _antidiagonal_logits(q: torch.Tensor, k: torch.Tensor, stride: int, scale: f
     """fp32 ``[B, H, T/S, T/S]``: entry ``(a, b)`` is the mean of ``scale q_{Sa+S-1-i} . k_{Sb+i}`` over ``i < S``,
     the antidiagonal of the ``S x S`` tile of logits, computed as one matmul of strided reshapes (XAttention)."""
     batch, heads, seq, dim = q.shape
-    qr = q.float().view(batch, heads, seq // stride, stride, dim).flip(3).reshape(batch, heads, seq // stride, -1)
-    kr = k.float().view(batch, heads, seq // stride, stride * dim)
+    qr = q.float().reshape(batch, heads, seq // stride, stride, dim).flip(3).reshape(batch, heads, seq // stride, -1)
+    kr = k.float().reshape(batch, heads, seq // stride, stride * dim)
     return torch.matmul(qr, kr.transpose(-1, -2)) * (scale / stride)
 
 
