@@ -13,6 +13,7 @@ from tilewise._testing import assert_close, assert_exact, assert_rel_rms
 from tilewise.ops.blockquant import quantize_blockwise
 from tilewise.ops.optim_step import (
     QUANT_FORMATS,
+    RANK1_FORMATS,
     STATE_FORMATS,
     adam_step,
     buffer_keys,
@@ -130,6 +131,10 @@ def test_init_state_layout(fmt: str, n: int) -> None:
         else:
             assert st[name].shape == p.shape
             assert st[name].dtype == (torch.float32 if fmt == "fp32" else torch.bfloat16)
+    if fmt in RANK1_FORMATS:
+        with pytest.raises(ValueError, match="Adam's second moment only"):
+            init_state(p, "sgd", fmt)
+        return
     sgd = init_state(p, "sgd", fmt, momentum=False)
     assert set(sgd) == {"step", "skips"}
     assert set(init_state(p, "sgd", fmt)) - {"step", "skips"} == set(buffer_keys("momentum_buffer", fmt))
@@ -240,3 +245,106 @@ def test_bad_inputs_raise() -> None:
         adam_step([p], [torch.randn(11)], [st], lr=1e-3, weight_decay=0.0, state_format="fp32", **ADAM)
     with pytest.raises(ValueError, match="kind='rmsprop' is unknown"):
         init_state(p, "rmsprop", "fp32")  # type: ignore[arg-type]
+
+
+def test_rank1_quantize_roundtrip_bound_and_exact_maxima() -> None:
+    """q4r1's v: row/column maxima exact; codes follow the blockquant threshold rule with ``s_ij = min(r_i, c_j)``
+    per element; the dequantized error is at most half the widest ulinear4 gap times ``s_ij`` for values at or
+    above the first level ``c[0] s_ij``, and at most ``c[0] s_ij`` below it (ulinear4 has no zero)."""
+    from tilewise.ops.blockquant.reference import midpoints, unpack_nibbles
+    from tilewise.ops.optim_step.reference import dequantize_rank1, quantize_rank1
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.exp(3 * torch.randn(37, 3, 11, generator=g))  # ~1e-6..1e6: far more range than one block absmax
+    v[5] = 0.0  # a zero row: its s is 0 and it dequantizes to exact zeros
+    cb = codebook("ulinear4")
+    codes, rows, cols = quantize_rank1(v, cb)
+    a = v.reshape(37, 33)
+    assert codes.shape == ((37 * 33 + 1) // 2,)
+    assert_exact(rows, a.amax(dim=1))
+    assert_exact(cols, a.amax(dim=0))
+    s = torch.minimum(rows[:, None], cols[None, :])
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    expected = (a[..., None] > safe[..., None] * midpoints(cb)).sum(-1).to(torch.uint8)
+    assert_exact(unpack_nibbles(codes, a.numel()).view(37, 33), expected)
+    deq = dequantize_rank1(codes, rows, cols, cb)
+    assert_exact(deq[5], torch.zeros(33))
+    err = (deq - a).abs()
+    half_gap = float((cb[1:] - cb[:-1]).max()) / 2
+    above = a >= cb[0] * s
+    slack = 1e-6 * s  # fp32 rounding of s * mid and of c * s
+    assert bool((err <= half_gap * s + slack)[above].all())
+    assert bool((err <= float(cb[0]) * s + slack)[~above].all())
+    assert above.float().mean() > 0.2  # both cases are exercised
+    assert (~above).float().mean() > 0.2
+
+
+def test_q4r1_adam_state_layout_and_first_step() -> None:
+    """2-D parameter: m block-wise on dynamic4 (as q4), v and v_max rank-1 on ulinear4 (keys ``*_codes``,
+    ``*_row``, ``*_col``); a 1-D parameter takes q4's layout and steps bit for bit as q4."""
+    from tilewise.ops.optim_step.reference import quantize_rank1
+
+    p0, g = torch.randn(40, 3, 5), torch.randn(40, 3, 5)
+    p, st = p0.clone(), init_state(p0, "adam", "q4r1", amsgrad=True)
+    assert buffer_keys("exp_avg_sq", "q4r1", p0.shape) == ("exp_avg_sq_codes", "exp_avg_sq_row", "exp_avg_sq_col")
+    assert set(st) == {
+        "step", "skips", "exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_row", "exp_avg_sq_col",
+        "max_exp_avg_sq_codes", "max_exp_avg_sq_row", "max_exp_avg_sq_col",
+    }  # fmt: skip
+    assert st["exp_avg_sq_codes"].shape == (300,)
+    assert st["exp_avg_sq_row"].shape == (40,)
+    assert st["exp_avg_sq_col"].shape == (15,)
+    adam_step([p], [g], [st], lr=1e-2, weight_decay=0.1, amsgrad=True, state_format="q4r1", **ADAM)
+    m, v = 0.1 * g, 0.001 * g * g
+    expected = p0 * (1 - 1e-3) - 1e-2 / 0.1 * m / (v.sqrt() / math.sqrt(0.001) + 1e-8)
+    assert_close(p, expected, rtol=1e-5, reason="bias corrections in float64 vs the fp32 hand math")
+    codes, scales = quantize_blockwise(m, codebook("dynamic4"), 128, bits=4, backend="reference")
+    assert_exact(st["exp_avg_codes"], codes)
+    assert_close(st["exp_avg_scales"], scales)
+    for name in ("exp_avg_sq", "max_exp_avg_sq"):
+        for key, want in zip(buffer_keys(name, "q4r1", p0.shape), quantize_rank1(v, codebook("ulinear4")), strict=True):
+            check = assert_exact if key.endswith("_codes") else assert_close
+            check(st[key], want, msg=key)
+    # 1-D (and [1, n]: a side of 1 is 1-D in effect): q4 exactly
+    for shape in [(300,), (1, 300)]:
+        q0 = torch.randn(shape)
+        q, r = q0.clone(), q0.clone()
+        sq, sr = init_state(q0, "adam", "q4"), init_state(q0, "adam", "q4r1")
+        assert set(sq) == set(sr)
+        for grad in _grads(5, 5, shape):
+            adam_step([q], [grad], [sq], lr=1e-2, weight_decay=0.0, state_format="q4", **ADAM)
+            adam_step([r], [grad], [sr], lr=1e-2, weight_decay=0.0, state_format="q4r1", **ADAM)
+        assert_exact(r, q)
+
+
+def test_q4r1_takes_reference_backend_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(optim_step, "resolve_backend", lambda backend, *t: "triton")
+
+    def no_triton(name: str):
+        raise AssertionError("q4r1 must not reach triton.py")
+
+    monkeypatch.setattr(optim_step, "_triton_function", no_triton)
+    monkeypatch.setattr(optim_step, "_warned_unfused", set())
+    p = torch.randn(16, 16)
+    st = init_state(p, "adam", "q4r1")
+    with pytest.warns(UserWarning, match="no fused Triton kernel yet"):
+        adam_step([p], [torch.randn(16, 16)], [st], lr=1e-3, weight_decay=0.0, state_format="q4r1", **ADAM)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        adam_step([p], [torch.randn(16, 16)], [st], lr=1e-3, weight_decay=0.0, state_format="q4r1", backend="triton",
+                  **ADAM)  # fmt: skip
+    assert float(st["step"]) == 2
+    with pytest.raises(ValueError, match="Adam's second moment only"):
+        init_state(p, "lion", "q4r1")
+
+
+def test_q4r1_state_bytes_on_meta() -> None:
+    """init_state on meta tensors (what the memory estimator sums): m 0.5 + 4/128 bytes/element, v 0.5 bytes per
+    element plus 4 (R + C)."""
+    p = torch.empty(1024, 64, 64, device="meta")
+    st = init_state(p, "adam", "q4r1")
+    n = p.numel()
+    got = sum(t.numel() * t.element_size() for t in st.values())
+    assert got == 8 + (n // 2 + 4 * n // 128) + (n // 2 + 4 * (1024 + 4096))

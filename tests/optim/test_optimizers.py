@@ -7,6 +7,7 @@ Tests that step an optimizer take the ``dev`` fixture: ``"cpu"`` (the reference 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pathlib
 import subprocess
@@ -398,3 +399,99 @@ def test_small_tensors_keep_fp32_state_with_one_warning(dev: str) -> None:
         opt.step()
     formats = ["exp_avg_codes" in opt.state[p] for p in model.parameters()]
     assert formats == [True, False, False, False]
+
+
+# --- "q4r1": 4-bit state with rank-1 normalization of v (reference backend only) ---------------------------------
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adam"])
+def test_rosenbrock_converges_q4r1(name: str) -> None:
+    """As test_rosenbrock_converges; the [2, 512] parameter is 2-D, so v takes the rank-1 layout."""
+    make, factor = OPTIMIZERS[name]
+    torch.manual_seed(0)
+    xy = torch.nn.Parameter(torch.stack([-1 + 0.2 * torch.randn(512), 1.5 + 0.2 * torch.randn(512)]))
+    opt = make([xy], "q4r1")
+    start = float(_rosenbrock(xy.detach()))
+    for _ in range(600):
+        opt.zero_grad()
+        _rosenbrock(xy).backward()
+        opt.step()
+    end = float(_rosenbrock(xy.detach()))
+    assert end < start / factor, (start, end)
+    assert {"exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_row", "exp_avg_sq_col"} <= set(
+        opt.state[xy]
+    )
+
+
+def _noisy_regression(state_format: str, seed: int = 0, steps: int = 1000) -> float:
+    """benchmarks/optim_4bit_quality.py's linear regression: y = x W* + 0.5 noise, 256 -> 64 features with scales
+    spanning 100x (v spans ~1e4 within a block), batch 32, lr 1e-2 cosine; the excess test MSE over the noise."""
+    g = torch.Generator().manual_seed(seed)
+    d_in, d_out, sigma = 256, 64, 0.5
+    feature_scale = torch.logspace(-1, 1, d_in)[torch.randperm(d_in, generator=g)]
+    w_true = torch.randn(d_in, d_out, generator=g) / d_in**0.5
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, d_in, generator=g) * feature_scale
+        return x, x @ w_true + sigma * torch.randn(n, d_out, generator=g)
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(d_in, d_out)
+    opt = to.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, state_format=state_format, min_quant_numel=4096)
+    for k in range(steps):
+        opt.param_groups[0]["lr"] = 1e-2 * 0.5 * (1 + math.cos(math.pi * k / steps))
+        x, y = batch(32)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the bias keeps fp32 state
+            opt.step()
+    x, y = batch(8192)
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(model(x), y)) - sigma**2
+
+
+def test_q4r1_beats_q4_on_noisy_regression() -> None:
+    """Measured (seed 0, 1000 steps): excess test MSE fp32 state 0.0097, q4 0.0214, q4r1 0.0137 (the benchmark's
+    "m block, v rank1" row, to 5 digits). Seeds 0-2 give q4r1 / q4 = 0.64, 0.61, 0.64, and the benchmark's paired
+    per-seed differences have standard errors ~1e-4 against a gap of ~8e-3: 0.8 leaves a wide margin while still
+    asserting a real gain, not just "not worse"."""
+    q4, q4r1 = _noisy_regression("q4"), _noisy_regression("q4r1")
+    assert q4r1 <= 0.8 * q4, (q4r1, q4)
+
+
+def test_q4r1_state_dict_roundtrip_and_small_tensors(dev: str) -> None:
+    model = _mlp(device=dev)  # weights [96, 64] (6144) and [8, 96] (768), biases 96 and 8
+    make = lambda p: to.AdamW(p, lr=1e-2, amsgrad=True, state_format="q4r1", min_quant_numel=1000)  # noqa: E731
+    opt_a = make(model.parameters())
+    with pytest.warns(UserWarning, match="smaller than min_quant_numel"):
+        _train(model, opt_a, 5, seed=0)
+    w0, b0, w1, b1 = model.parameters()
+    st = opt_a.state[w0]
+    assert st["exp_avg_sq_row"].shape == (96,)
+    assert st["max_exp_avg_sq_col"].shape == (64,)
+    assert "exp_avg_sq_scales" not in st
+    for p in (b0, w1, b1):  # under min_quant_numel: fp32
+        assert opt_a.state[p]["exp_avg_sq"].dtype == torch.float32
+    saved = _roundtrip({"model": model.state_dict(), "opt": opt_a.state_dict()})
+    assert saved["opt"]["state"][0]["exp_avg_sq_row"].dtype == torch.float32
+    _train(model, opt_a, 5, seed=1)
+
+    c = _mlp(device=dev)
+    c.load_state_dict(saved["model"])
+    opt_c = make(c.parameters())
+    opt_c.load_state_dict(saved["opt"])
+    _train(c, opt_c, 5, seed=1)
+    for pa, pc in zip(model.parameters(), c.parameters(), strict=True):
+        assert_exact(pc, pa)
+    with pytest.raises(ValueError, match="state format"):
+        to.AdamW(c.parameters(), state_format="q4").load_state_dict(saved["opt"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda p: to.Lion(p, state_format="q4r1"), lambda p: to.SGD(p, lr=0.1, momentum=0.9, state_format="q4r1")],
+)
+def test_q4r1_unsupported_for_lion_and_sgd(make) -> None:
+    with pytest.raises(ValueError, match="use state_format='q4'"):
+        make(_mlp().parameters())

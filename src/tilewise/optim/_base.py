@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tilewise._backend import BACKENDS, resolve_backend
-from tilewise.ops.optim_step import QUANT_FORMATS, STATE_FORMATS, init_state
+from tilewise.ops.optim_step import QUANT_FORMATS, RANK1_FORMATS, STATE_FORMATS, init_state
 
 __all__ = ["BITS_TO_FORMAT", "LowBitOptimizer", "resolve_state_format"]
 
@@ -39,7 +39,7 @@ _CALLS = "sr_calls"
 
 def resolve_state_format(state_bits: int, state_format: str | None) -> str:
     """The state format name of a group: ``state_format`` when given (``"fp32"``, ``"bf16"``, ``"q8"``, ``"q4"``,
-    ``"fp8"``), else from ``state_bits`` (32 -> fp32, 16 -> bf16, 8 -> q8, 4 -> q4)."""
+    ``"fp8"``, ``"q4r1"``), else from ``state_bits`` (32 -> fp32, 16 -> bf16, 8 -> q8, 4 -> q4)."""
     if state_format is not None:
         if state_format not in STATE_FORMATS:
             raise ValueError(f"state_format={state_format!r} is unknown; use one of {', '.join(STATE_FORMATS)}")
@@ -62,18 +62,19 @@ def _as_dtensor(key: str, value: Any, param: torch.Tensor) -> Any:
     """A state tensor of DTensor ``param`` as a DTensor on ``param``'s mesh (``value`` is the local shard's state).
 
     Buffers shaped like the local shard (fp32/bf16 moments, ``master``) take ``param``'s placements and global
-    shape, as torch.optim's state does under FSDP2. Quantized ``*_codes``/``*_scales`` are laid out per local
-    shard's blocks; their global tensor is the concatenation of the shards', ``Shard(0)`` on each sharded mesh
-    dim, which is a valid DTensor only when every shard has the same size, so they stay plain local tensors
-    when ``param`` is sharded unevenly, with a warning (``torch.distributed.checkpoint`` cannot save those). Scalars
-    (``step``, ``skips``) stay plain tensors (replicated).
+    shape, as torch.optim's state does under FSDP2. Quantized ``*_codes``/``*_scales`` (and ``"q4r1"``'s
+    ``*_row``/``*_col`` maxima) are laid out per local shard; their global tensor is the concatenation of the
+    shards', ``Shard(0)`` on each sharded mesh dim, which is a valid DTensor only when every shard has the same
+    size, so they stay plain local tensors when ``param`` is sharded unevenly, with a warning
+    (``torch.distributed.checkpoint`` cannot save those). Scalars (``step``, ``skips``) stay plain tensors
+    (replicated).
     """
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(value, torch.Tensor) or value.ndim == 0:
         return value
     mesh, placements = param.device_mesh, param.placements
-    if not key.endswith(("_codes", "_scales")):
+    if not key.endswith(("_codes", "_scales", "_row", "_col")):
         return DTensor.from_local(value, mesh, placements, run_check=False, shape=param.shape, stride=param.stride())
     shards = 1
     for dim, placement in enumerate(placements):
@@ -137,7 +138,12 @@ class LowBitOptimizer(torch.optim.Optimizer):
     def _check_common(self, group: dict[str, Any]) -> None:
         _check_number("lr", group["lr"], 0.0)
         _check_number("weight_decay", group["weight_decay"], 0.0)
-        resolve_state_format(group["state_bits"], group["state_format"])
+        fmt = resolve_state_format(group["state_bits"], group["state_format"])
+        if fmt in RANK1_FORMATS and self.kind != "adam":
+            raise ValueError(
+                f"{type(self).__name__} does not support state_format={fmt!r}: its rank-1 normalization applies to "
+                "Adam's second moment only; use state_format='q4' (the same 4-bit state for this optimizer)"
+            )
         n = group["min_quant_numel"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"min_quant_numel must be a non-negative int, got {n!r}")
@@ -217,6 +223,11 @@ class LowBitOptimizer(torch.optim.Optimizer):
             group[_CALLS] += 1
             for (_, device, fmt), (ps, gs, ss) in buckets.items():
                 if _capturing(device):
+                    if fmt in RANK1_FORMATS:
+                        raise RuntimeError(
+                            f"{type(self).__name__}.step() is being captured in a CUDA graph with state_format="
+                            f"{fmt!r}, which runs the reference backend (it reads the step count on the host)"
+                        )
                     self._check_capture(group, ps)
                 self._step_bucket(group, ps, gs, ss, fmt, seed)
         if kept[0]:  # once, when their state is created: they cost memory, not correctness

@@ -1,4 +1,4 @@
-"""AdamW and Adam with fp32, bf16, 8-bit, 4-bit or fp8 optimizer state."""
+"""AdamW and Adam with fp32, bf16, 8-bit, 4-bit (block-wise or rank-1) or fp8 optimizer state."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ class AdamW(LowBitOptimizer):
         maximize: maximize the objective instead of minimizing it.
         state_bits: 32 (fp32 moments, default), 16 (bf16), 8 (block-wise 8-bit: dynamic8 / udynamic8 codes, block
             256) or 4 (dynamic4 / ulinear4 codes, block 128).
-        state_format: ``"fp32"``, ``"bf16"``, ``"q8"``, ``"q4"`` or ``"fp8"`` (e4m3 codes, block 256); when given,
-            it replaces ``state_bits``.
+        state_format: ``"fp32"``, ``"bf16"``, ``"q8"``, ``"q4"``, ``"fp8"`` (e4m3 codes, block 256) or ``"q4r1"``
+            (``q4`` with the second moment of a >= 2-D parameter normalized by min(row max, column max), Li et
+            al. 2023; PyTorch reference only); when given, it replaces ``state_bits``.
         min_quant_numel: parameters with fewer elements (of the full tensor, for a DTensor) keep fp32 state under
             a quantized format (default 4096).
         stochastic_round: round updated bf16 parameters stochastically instead of to nearest.

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from tilewise._backend import resolve_backend
 from tilewise.ops.optim_step.reference import (
     QUANT_FORMATS,
+    RANK1_FORMATS,
     STATE_FORMATS,
     adam_step_ref,
     buffer_keys,
@@ -35,6 +37,7 @@ from tilewise.ops.optim_step.reference import (
 
 __all__ = [
     "QUANT_FORMATS",
+    "RANK1_FORMATS",
     "STATE_FORMATS",
     "adam_step",
     "buffer_keys",
@@ -45,6 +48,7 @@ __all__ = [
 ]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned_unfused: set[str] = set()  # rank-1 formats already warned about (once per process)
 
 
 def _triton_function(name: str) -> Callable[..., None] | None:
@@ -77,8 +81,20 @@ def _check_inputs(
 
 def _dispatch(name: str, reference: Callable[..., None], backend: str, params: Sequence[torch.Tensor], **kw) -> None:
     """Run the Triton function ``name`` if the backend resolves to Triton and it exists, else the reference.
-    ``backend="triton"`` (or ``TILEWISE_BACKEND=triton``) raises ``RuntimeError`` when it does not exist."""
+    ``backend="triton"`` (or ``TILEWISE_BACKEND=triton``) raises ``RuntimeError`` when it does not exist.
+    A rank-1 state format (``"q4r1"``) always runs the reference, with a one-time warning where Triton was chosen."""
     chosen = resolve_backend(backend, *params)
+    fmt = kw.get("state_format")
+    if fmt in RANK1_FORMATS:
+        if chosen == "triton" and fmt not in _warned_unfused:
+            _warned_unfused.add(fmt)
+            warnings.warn(
+                f"{name}: state_format={fmt!r} has no fused Triton kernel yet; running the PyTorch reference "
+                "(one op per tensor, slower)",
+                stacklevel=3,
+            )
+        reference(params, **kw)
+        return
     if chosen == "triton":
         fn = _triton_function(name)
         if fn is not None:

@@ -16,27 +16,36 @@ from typing import Literal
 import torch
 
 from tilewise.ops.blockquant import dequantize_blockwise, quantize_blockwise
+from tilewise.ops.blockquant.reference import midpoints, pack_nibbles, unpack_nibbles
 from tilewise.quant.codebooks import _build as _codebook_table  # cached, shared: read only
 
 __all__ = [
     "QUANT_FORMATS",
+    "RANK1_FORMATS",
     "STATE_FORMATS",
     "adam_step_ref",
     "buffer_keys",
+    "dequantize_rank1",
     "init_state",
     "lion_step_ref",
+    "quantize_rank1",
+    "rank1_dims",
     "round_bf16_stochastic",
     "sgd_step_ref",
 ]
 
 Kind = Literal["adam", "lion", "sgd"]
-STATE_FORMATS: tuple[str, ...] = ("fp32", "bf16", "q8", "q4", "fp8")
+STATE_FORMATS: tuple[str, ...] = ("fp32", "bf16", "q8", "q4", "fp8", "q4r1")
 # state_format -> (codebook of signed moments, codebook of non-negative moments, block size, bits per code)
 QUANT_FORMATS: dict[str, tuple[str, str, int, int]] = {
     "q8": ("dynamic8", "udynamic8", 256, 8),
     "q4": ("dynamic4", "ulinear4", 128, 4),
     "fp8": ("fp8_e4m3", "fp8_e4m3", 256, 8),
+    "q4r1": ("dynamic4", "ulinear4", 128, 4),
 }
+# quantized formats whose non-negative moments (Adam's v) use rank-1 normalization (Li et al. 2023) instead of
+# blocks, for parameters that are 2-D in effect (see :func:`rank1_dims`); Adam only, reference backend only
+RANK1_FORMATS: tuple[str, ...] = ("q4r1",)
 # buffer name -> (prefix of its quantized keys, whether it holds non-negative values)
 _BUFFERS: dict[str, tuple[str, bool]] = {
     "exp_avg": ("exp_avg", False),
@@ -52,14 +61,67 @@ def check_state_format(state_format: str) -> None:
         raise ValueError(f"state_format={state_format!r} is unknown; use one of {', '.join(STATE_FORMATS)}")
 
 
-def buffer_keys(name: str, state_format: str) -> tuple[str, ...]:
+def rank1_dims(shape: Sequence[int]) -> tuple[int, int] | None:
+    """``(R, C) = (shape[0], prod(shape[1:]))`` when a rank-1 format normalizes a moment of this shape by row and
+    column maxima: ``ndim >= 2`` and ``R, C >= 2``; None otherwise (1-D in effect: blocks of 128, as ``"q4"``)."""
+    if len(shape) < 2:
+        return None
+    rows, cols = int(shape[0]), 1
+    for d in shape[1:]:
+        cols *= int(d)
+    return (rows, cols) if rows >= 2 and cols >= 2 else None
+
+
+def _is_rank1(name: str, state_format: str, shape: Sequence[int] | None) -> bool:
+    """Whether buffer ``name`` of a parameter of ``shape`` is stored with rank-1 normalization."""
+    return state_format in RANK1_FORMATS and _BUFFERS[name][1] and shape is not None and rank1_dims(shape) is not None
+
+
+def buffer_keys(name: str, state_format: str, shape: Sequence[int] | None = None) -> tuple[str, ...]:
     """The state keys that hold buffer ``name`` (``"exp_avg"``, ``"exp_avg_sq"``, ``"max_exp_avg_sq"`` or
     ``"momentum_buffer"``) in ``state_format``: ``(name,)`` for fp32/bf16, ``(prefix_codes, prefix_scales)``
-    for the quantized formats (prefix ``"momentum"`` for the momentum buffer)."""
+    for the quantized formats (prefix ``"momentum"`` for the momentum buffer). Under ``"q4r1"`` the
+    non-negative buffers of a parameter of ``shape`` with :func:`rank1_dims` are ``(prefix_codes, prefix_row,
+    prefix_col)`` (``shape=None``: the block-wise keys)."""
     if state_format in QUANT_FORMATS:
         prefix = _BUFFERS[name][0]
+        if _is_rank1(name, state_format, shape):
+            return f"{prefix}_codes", f"{prefix}_row", f"{prefix}_col"
         return f"{prefix}_codes", f"{prefix}_scales"
     return (name,)
+
+
+def quantize_rank1(
+    x: torch.Tensor, code: torch.Tensor, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (read as ``[R, C] = rank1_dims(x.shape)``) with rank-1 normalization onto the sorted
+    codebook ``code [K]``: ``r_i = max_j |x_ij|``, ``c_j = max_i |x_ij|``, ``s_ij = min(r_i, c_j)`` (0 -> 1 for
+    the rounding), and ``code_ij = #{k : x_ij > fp32(s_ij * mid_k)}`` with ``mid = midpoints(code)``: the
+    threshold rule of ``ops/blockquant`` with ``s_ij`` in place of the block absmax. Returns ``(codes, r, c)``:
+    codes ``uint8 [n]`` (packed ``[ceil(n/2)]`` for ``bits=4``, row-major), fp32 ``r [R]`` and ``c [C]``."""
+    dims = rank1_dims(x.shape)
+    if dims is None:
+        raise ValueError(f"rank-1 quantization needs a tensor with R, C >= 2, got shape {tuple(x.shape)}")
+    a = x.reshape(dims).to(torch.float32)
+    rows, cols = a.abs().amax(dim=1), a.abs().amax(dim=0)
+    s = torch.minimum(rows[:, None], cols[None, :])
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    codes = torch.zeros(dims, dtype=torch.uint8, device=x.device)
+    for mid in midpoints(code.to(device=x.device)):  # K - 1 compares (fp32 * fp32 0-dim): exact, no [n, K] table
+        codes += a > s * mid
+    codes = codes.view(-1)
+    return (pack_nibbles(codes) if bits == 4 else codes), rows, cols
+
+
+def dequantize_rank1(
+    codes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, code: torch.Tensor, bits: int = 4
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_rank1`: ``fp32(code[codes_ij] * min(r_i, c_j))`` as ``[R, C]`` (a zero row or
+    column gives zeros)."""
+    n = rows.numel() * cols.numel()
+    idx = unpack_nibbles(codes, n) if bits == 4 else codes[:n]
+    values = code.to(device=codes.device, dtype=torch.float32)[idx.long()].view(rows.numel(), cols.numel())
+    return values * torch.minimum(rows[:, None], cols[None, :]).to(torch.float32)
 
 
 def _buffer_names(kind: Kind, *, amsgrad: bool, momentum: bool) -> list[str]:
@@ -84,7 +146,9 @@ def init_state(
     """A fresh optimizer state for ``param`` (``n`` elements): zero moments in ``state_format``.
 
     fp32/bf16 buffers have ``param``'s shape; a quantized buffer is ``uint8 [n]`` codes (``[ceil(n/2)]`` packed
-    for ``"q4"``) plus fp32 scales ``[ceil(n / block)]``. ``step`` and ``skips`` are fp32 zero scalars on
+    for ``"q4"``/``"q4r1"``) plus fp32 scales ``[ceil(n / block)]``; under ``"q4r1"`` (Adam only) ``exp_avg_sq``
+    and ``max_exp_avg_sq`` of a parameter with :func:`rank1_dims` ``(R, C)`` have fp32 ``<prefix>_row [R]`` and
+    ``<prefix>_col [C]`` instead of scales. ``step`` and ``skips`` are fp32 zero scalars on
     ``param``'s device. ``master=True`` adds ``master``, an fp32 copy of ``param`` (for bf16/fp16 parameters).
     ``momentum=False`` (SGD without momentum) stores no buffer.
 
@@ -93,6 +157,10 @@ def init_state(
         torch.Size([500])
     """
     check_state_format(state_format)
+    if state_format in RANK1_FORMATS and kind != "adam":
+        raise ValueError(
+            f"state_format={state_format!r} normalizes Adam's second moment only; use 'q4' for kind={kind!r}"
+        )
     n, device = param.numel(), param.device
     state: dict[str, torch.Tensor] = {
         "step": torch.zeros((), dtype=torch.float32, device=device),
@@ -101,9 +169,14 @@ def init_state(
     for name in _buffer_names(kind, amsgrad=amsgrad, momentum=momentum):
         if state_format in QUANT_FORMATS:
             _, _, block, bits = QUANT_FORMATS[state_format]
-            codes_key, scales_key = buffer_keys(name, state_format)
-            state[codes_key] = torch.zeros((n + 1) // 2 if bits == 4 else n, dtype=torch.uint8, device=device)
-            state[scales_key] = torch.zeros(-(-n // block), dtype=torch.float32, device=device)
+            keys = buffer_keys(name, state_format, param.shape)
+            state[keys[0]] = torch.zeros((n + 1) // 2 if bits == 4 else n, dtype=torch.uint8, device=device)
+            if len(keys) == 3:  # rank-1: row and column maxima
+                rows, cols = rank1_dims(param.shape)  # type: ignore[misc]
+                state[keys[1]] = torch.zeros(rows, dtype=torch.float32, device=device)
+                state[keys[2]] = torch.zeros(cols, dtype=torch.float32, device=device)
+            else:
+                state[keys[1]] = torch.zeros(-(-n // block), dtype=torch.float32, device=device)
         else:
             dtype = torch.float32 if state_format == "fp32" else torch.bfloat16
             state[name] = torch.zeros(param.shape, dtype=dtype, device=device)
@@ -118,6 +191,9 @@ def _load(state: dict[str, torch.Tensor], name: str, state_format: str, like: to
         return state[name].to(torch.float32, copy=True)
     signed_cb, unsigned_cb, block, bits = QUANT_FORMATS[state_format]
     codebook = _codebook_table(unsigned_cb if _BUFFERS[name][1] else signed_cb)
+    if _is_rank1(name, state_format, like.shape):
+        codes_key, row_key, col_key = buffer_keys(name, state_format, like.shape)
+        return dequantize_rank1(state[codes_key], state[row_key], state[col_key], codebook, bits).view(like.shape)
     codes_key, scales_key = buffer_keys(name, state_format)
     flat = dequantize_blockwise(
         state[codes_key], state[scales_key], codebook, block, like.numel(), bits=bits, backend="reference"
@@ -132,6 +208,11 @@ def _store(state: dict[str, torch.Tensor], name: str, state_format: str, value: 
         return
     signed_cb, unsigned_cb, block, bits = QUANT_FORMATS[state_format]
     codebook = _codebook_table(unsigned_cb if _BUFFERS[name][1] else signed_cb)
+    if _is_rank1(name, state_format, value.shape):
+        keys = buffer_keys(name, state_format, value.shape)
+        for key, t in zip(keys, quantize_rank1(value, codebook, bits), strict=True):
+            state[key].copy_(t)
+        return
     codes, scales = quantize_blockwise(value, codebook, block, bits=bits, check_finite=False, backend="reference")
     codes_key, scales_key = buffer_keys(name, state_format)
     state[codes_key].copy_(codes)
