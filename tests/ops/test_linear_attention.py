@@ -371,29 +371,99 @@ def test_triton_empty_sequence(device: str) -> None:
     assert_close(final, h0)
 
 
+# Vector gate g [B, T, H, Dk] (GLA), against the token-by-token recurrence: T in {1, 63, 64, 130}, Dk and Dv in
+# {16, 32} (tiles padded to 32), two K blocks (Dk = 100), fp32 and bf16; every case with an initial and a final state.
+VECTOR_CASES = [
+    (1, 1, 2, 16, 16, torch.float32),
+    (2, 63, 1, 16, 32, torch.float32),
+    (1, 64, 2, 32, 16, torch.bfloat16),
+    (1, 130, 1, 32, 32, torch.float32),
+    (1, 130, 1, 16, 32, torch.bfloat16),
+    (1, 65, 1, 100, 48, torch.float32),
+]
+
+
 @pytest.mark.interpret
-def test_triton_vector_gate(device: str) -> None:
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("case", VECTOR_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_triton_vector_gate_matches_recurrent(case: tuple, device: str) -> None:
+    *shape, dtype = case
+    inputs = make_inputs(*shape, "vector", dtype, device)
+    got = forward_and_grads(triton_call, inputs)
+    want = forward_and_grads(recurrent, inputs)
+    assert_all_close(got, want, dtype, grad_names(inputs), _triton_rel(dtype, device))
+
+
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("log_decay", [-5.0, -40.0])
+def test_triton_vector_gate_strong_decay(log_decay: float, device: str) -> None:
+    # e^-5 a token: a chunk decays by e^-320, far past fp32's range if e^{-G} were ever formed. One key dim decays
+    # slowly (-0.01) so the state keeps something to check.
+    inputs = make_inputs(1, 130, 2, 32, 16, "vector", device=device)
+    g = torch.full_like(inputs["g"], log_decay)
+    g[..., 0] = -0.01
+    inputs["g"] = g.requires_grad_()
+    got = forward_and_grads(triton_call, inputs)
+    want = forward_and_grads(recurrent, inputs)
+    for t in (got[0], got[1], *got[2]):
+        assert torch.isfinite(t).all()
+    assert_all_close(got, want, torch.float32, grad_names(inputs), _triton_rel(torch.float32, device))
+
+
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned_empty")
+def test_triton_vector_gate_varlen(device: str) -> None:
+    cu = torch.tensor([0, 0, 1, 70, 100], dtype=torch.int32, device=device)
+    inputs = make_inputs(1, 100, 1, 16, 16, "vector", device=device, n_states=4)
+    got = forward_and_grads(triton_call, inputs, cu)
+    want = forward_and_grads(recurrent, inputs, cu)
+    assert_all_close(got, want, torch.float32, grad_names(inputs), _triton_rel(torch.float32, device))
+
+
+@pytest.mark.interpret
+def test_triton_vector_gate_without_state_or_final(device: str) -> None:
+    inputs = make_inputs(1, 70, 2, 16, 16, "vector", device=device)
+    q, k, v, g, _ = inputs.values()
+    o, final = linear_attention(q, k, v, g, backend="triton")
+    assert final is None
+    grads = torch.autograd.grad(o.sum(), (q, k, v, g))
+    o2, _ = linear_attention_recurrent(q, k, v, g, None, None, False, None)
+    grads2 = torch.autograd.grad(o2.sum(), (q, k, v, g))
+    assert_rel_rms(o, o2, REL[torch.float32])
+    for name, a, b in zip("qkvg", grads, grads2, strict=True):
+        assert_rel_rms(a, b, REL[torch.float32], msg=f"d{name}")
+
+
+@pytest.mark.interpret
+def test_triton_vector_gate_dispatch(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = (t.to(device) for t in _qkv())
     g = -torch.rand(1, 5, 2, 8, device=device)
-    with pytest.raises(ValueError, match="no kernel for the vector gate"):
-        linear_attention(q, k, v, g, backend="triton")
+    ref = linear_attention_chunked(q, k, v, g)[0]
+    # backend="triton" runs the kernel (opt-in until verified on a GPU).
+    assert_rel_rms(linear_attention(q, k, v, g, backend="triton")[0], ref, REL[torch.float32])
     if device == "cuda":
-        # auto picks Triton for CUDA tensors; it has no vector-gate kernel, so the reference runs, with a warning.
+        # auto picks Triton for CUDA tensors, but not for the vector gate yet: the reference runs, with a warning.
         with pytest.warns(UserWarning, match="vector gate"):
             o, _ = linear_attention(q, k, v, g)
+        monkeypatch.setenv("TILEWISE_BACKEND", "triton")
+        with pytest.warns(UserWarning, match="TILEWISE_BACKEND=triton"):
+            o2, _ = linear_attention(q, k, v, g)
+        assert torch.equal(o2, ref)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             # auto on CPU tensors is the reference anyway: no warning.
             o, _ = linear_attention(q, k, v, g)
-    assert torch.equal(o, linear_attention_chunked(q, k, v, g)[0])
+    assert torch.equal(o, ref)
 
 
 @pytest.mark.interpret
-def test_triton_opcheck(device: str) -> None:
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_triton_opcheck(gate: str, device: str) -> None:
     mod = importlib.import_module("tilewise.ops.linear_attention.triton")
 
-    inputs = make_inputs(1, 20, 1, 16, 16, "scalar", device=device)
+    inputs = make_inputs(1, 20, 1, 16, 16, gate, device=device)
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["initial_state"], None, 0.25)
     torch.library.opcheck(
         mod._chunk_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
@@ -404,7 +474,7 @@ def test_triton_opcheck(device: str) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gate", [None, "head", "scalar"])
+@pytest.mark.parametrize("gate", [None, "head", "scalar", "vector"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_matches_reference_gpu(gate: str | None, dtype: torch.dtype) -> None:
     inputs = make_inputs(2, 2048 + 17, 4, 128, 128, gate, dtype, "cuda")

@@ -91,17 +91,15 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor) -> int:
 
 
 def _pick_backend(backend: str, g: torch.Tensor | None, *tensors: torch.Tensor) -> str:
-    """The backend for the chunked op; the vector gate has no kernel yet, so ``auto`` runs the reference for it."""
+    """The backend for the chunked op. The vector gate's Triton kernel is not yet verified on a GPU, so only an
+    explicit ``backend="triton"`` runs it; ``auto`` (also with ``TILEWISE_BACKEND=triton``) runs the reference."""
     chosen = resolve_backend(backend, *tensors)
-    if chosen == "triton" and g is not None and g.dim() == 4:
-        if backend == "triton" or os.environ.get(ENV_VAR, "").strip():
-            raise ValueError(
-                "the Triton backend has no kernel for the vector gate g [B, T, H, Dk] yet; use backend='auto' "
-                "or 'reference' (chunked PyTorch), or a scalar gate [B, T, H]"
-            )
+    if chosen == "triton" and g is not None and g.dim() == 4 and backend != "triton":
+        how = f"{ENV_VAR}=triton" if os.environ.get(ENV_VAR, "").strip() else "backend='auto'"
         warnings.warn(
-            "linear_attention: the vector gate g [B, T, H, Dk] runs the chunked PyTorch path (no Triton kernel "
-            "yet), which is slower and stores [64, 64, Dk] decay blocks per chunk",
+            f"linear_attention: with {how} the vector gate g [B, T, H, Dk] runs the chunked PyTorch path, which is "
+            "slower and stores [64, 64, Dk] decay blocks per chunk; its Triton kernel is opt-in (backend='triton') "
+            "until verified on a GPU",
             stacklevel=3,
         )
         chosen = "reference"
@@ -128,8 +126,9 @@ def linear_attention(
         q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; one dtype (float32, float16 or bfloat16), ``Dk, Dv <= 256``.
         g: log decay (``decay = exp(g)``, normally ``g <= 0``): None (plain linear attention), ``[H]`` (a constant
             per head, Lightning Attention / RetNet), ``[B, T, H]`` (scalar gate, simple GLA / Mamba-2) or
-            ``[B, T, H, Dk]`` (vector gate per key dim, GLA; no Triton kernel yet: ``auto`` runs the chunked
-            PyTorch path with a warning). Any float dtype; math in fp32.
+            ``[B, T, H, Dk]`` (vector gate per key dim, GLA; its Triton kernel is opt-in with
+            ``backend="triton"`` until verified on a GPU: ``auto`` runs the chunked PyTorch path with a warning
+            where it would pick Triton). Any float dtype; math in fp32.
         scale: multiplies ``q``; default ``Dk ** -0.5``.
         initial_state: ``[N, H, Dk, Dv]`` state before the first token (``N = B``, or the number of packed
             sequences); default zeros.
@@ -145,8 +144,7 @@ def linear_attention(
 
     Raises:
         TypeError: an argument is not a tensor.
-        ValueError: a shape, dtype or device does not fit (the message names the argument), or the vector gate
-            with ``backend="triton"``.
+        ValueError: a shape, dtype or device does not fit (the message names the argument).
         RuntimeError: ``backend="triton"`` cannot run here (see :func:`tilewise._backend.resolve_backend`).
 
     Example:

@@ -1,4 +1,4 @@
-"""Triton kernels for chunked causal linear attention (no gate, or a scalar log-decay gate per token and head).
+"""Triton kernels for chunked causal linear attention (no gate, a scalar or a per-key-dim log-decay gate).
 
 Tokens are cut into chunks of ``BT = 64`` (each packed sequence on its own). Four kernels (README.md has the math):
 
@@ -9,6 +9,9 @@ Tokens are cut into chunks of ``BT = 64`` (each packed sequence on its own). Fou
    ``o = scale * ((q ⊙ e^G) h_n + mask(q k^T ⊙ e^{G_i-G_j}) v)``.
 3. ``_chunk_bwd_dqk_kernel`` and ``_chunk_bwd_dv_kernel``: the chunk's ``dq, dk`` (and the gate's ``dG = q·dq - k·dk``)
    and ``dv`` from ``h_n`` and ``dh_{n+1}``.
+
+The vector gate ``[T, H, K]`` (GLA; opt-in, not yet run on a GPU) uses the state kernel with ``VEC_G`` and its own
+``_gla_*`` output / gradient kernels, which form the intra-chunk scores one key dim at a time (README.md).
 
 The gate's gradient ``dg`` is the reverse cumulative sum of ``dG`` within each chunk plus the chunk-end state term
 ``<dh_{n+1}, h_{n+1}>`` (in the dq/dk kernel); the host only adds the K blocks.
@@ -71,6 +74,7 @@ def _chunk_state_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     USE_G: tl.constexpr,
+    VEC_G: tl.constexpr,
     USE_H_IN: tl.constexpr,
     STORE_H_OUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -113,7 +117,17 @@ def _chunk_state_kernel(
         b_a = tl.load(p_a, mask=m_t[None, :] & (o_k < K)[:, None], other=0.0).to(tl.float32)
         p_b = b + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         b_b = tl.load(p_b, mask=m_t[:, None] & (o_v < V)[None, :], other=0.0)
-        if USE_G:
+        if USE_G and VEC_G:
+            # Vector gate [T, H, K]: G^T [BK, BT] (cumulative over the chunk per key), G_last [BK].
+            p_g = g + ((bos + o_t[None, :]) * H + i_h) * K + o_k[:, None]
+            b_gr = tl.load(p_g, mask=m_t[None, :] & (o_k < K)[:, None], other=0.0).to(tl.float32)
+            b_gc, b_glast = tl.cumsum(b_gr, 1), tl.sum(b_gr, 1)
+            if REVERSE:
+                b_a = b_a * tl.exp(b_gc) * scale
+            else:
+                b_a = b_a * tl.exp(b_glast[:, None] - b_gc)
+            b_h = b_h * tl.exp(b_glast)[:, None]
+        elif USE_G:
             b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
             if REVERSE:
                 b_a = b_a * (tl.exp(b_gc) * scale)[None, :]
@@ -338,6 +352,216 @@ def _chunk_bwd_dv_kernel(
     tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
+# ---- Vector gate g [T, H, K] (GLA). The decay differs per key dim, so the intra-chunk scores
+# A_ij = Σ_d q_id k_jd e^{G_id - G_jd} (j <= i) cannot be one dot of gated operands without factors e^{-G_j} that
+# overflow; this first version sums them one key dim at a time in fp32 ([BT, BT] elementwise per dim, exponents
+# masked to <= 0 before exp): exact and stable, O(BT^2 K) elementwise work (no tensor cores) per chunk.
+
+
+@triton.jit
+def _gate_col(g, bos, o_t, m_t, i_h, d, H: tl.constexpr, K: tl.constexpr):
+    """``(offsets, mask, G[:, d])`` of key dim ``d`` over the chunk: the cumulative log decay ``[BT]``."""
+    p = ((bos + o_t) * H + i_h) * K + d
+    m = m_t & ((tl.zeros_like(o_t) + d) < K)
+    return p, m, tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)
+
+
+@triton.jit
+def _gla_fwd_o_kernel(
+    q,
+    k,
+    v,
+    g,
+    hs,
+    o,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``o [BT, BV]`` of one ``(chunk, head)`` with the vector gate: ``scale ((q ⊙ e^G) h_n + A v)``, ``A`` above."""
+    i_ch, i_v = tl.program_id(0), tl.program_id(1)
+    i_c, i_h = i_ch // H, i_ch % H
+    bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_hs = hs + (i_c.to(tl.int64) * H + i_h) * K * V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_qk = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+        b_gc = tl.cumsum(tl.load(g + p_qk, mask=m_tk, other=0.0).to(tl.float32), 0)
+        b_h = tl.load(p_hs + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_o += tl.dot((b_q * tl.exp(b_gc)).to(DOT), b_h.to(DOT), input_precision=PREC)
+    m_causal = o_t[:, None] >= o_t[None, :]
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for d in range(0, K):
+        p_d, m_d, b_gd = _gate_col(g, bos, o_t, m_t, i_h, d, H, K)
+        b_qd = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
+        b_kd = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
+        b_e = tl.exp(tl.where(m_causal, b_gd[:, None] - b_gd[None, :], 0.0))
+        b_A += tl.where(m_causal, b_qd[:, None] * b_kd[None, :] * b_e, 0.0)
+    p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_o += tl.dot(b_A.to(DOT), b_v.to(DOT), input_precision=PREC)
+    tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _gla_bwd_dqk_kernel(
+    q,
+    k,
+    v,
+    g,
+    hs,
+    dhs,
+    do,
+    dq,
+    dk,
+    dg,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``dq, dk, dg [BT, BK]`` of one ``(chunk, head, K block)`` with the vector gate (README, Gradients):
+
+    ``dq = scale (e^G ⊙ do h_n^T + Σ_j ds_ij k_j ⊙ e^{G_i-G_j})``, ``dk = e^{G_last-G} ⊙ v dh_{n+1}^T +
+    scale Σ_i ds_ij q_i ⊙ e^{G_i-G_j}`` with ``ds = mask(do v^T)``; the intra-chunk sums run one key dim at a
+    time. ``dg_t = <dh_{n+1}, h_{n+1}>_v + Σ_{s>=t in the chunk} (q_s ⊙ dq_s - k_s ⊙ dk_s)``, per key dim.
+    """
+    i_ch, i_k = tl.program_id(0), tl.program_id(1)
+    i_c, i_h = i_ch // H, i_ch % H
+    bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    p_qk = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+    b_gr = tl.load(g + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+    b_gc, b_glast = tl.cumsum(b_gr, 0), tl.sum(b_gr, 0)
+    o_hs = (i_c.to(tl.int64) * H + i_h) * K * V
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(DOT)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(DOT)
+        o_hT = o_k[None, :] * V + o_v[:, None]
+        m_hT = (o_k < K)[None, :] & (o_v < V)[:, None]
+        b_hT = tl.load(hs + o_hs + o_hT, mask=m_hT, other=0.0)
+        b_dhT = tl.load(dhs + o_hs + o_hT, mask=m_hT, other=0.0)
+        b_hdh += tl.sum(b_hT * b_dhT, 0)
+        b_ds += tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_dq += tl.dot(b_do, b_hT.to(DOT), input_precision=PREC)
+        b_dk += tl.dot(b_v, b_dhT.to(DOT), input_precision=PREC)
+    b_dq = b_dq * tl.exp(b_gc) * scale
+    b_dk = b_dk * tl.exp(b_glast[None, :] - b_gc)
+    # <dh_{n+1}, h_{n+1}> per key (summed over v); b_dk is still the state term of dk. Masked rows of k are 0.
+    b_dg_end = tl.exp(b_glast) * b_hdh + tl.sum(b_k * b_dk, 0)
+    m_causal = o_t[:, None] >= o_t[None, :]
+    b_ds = tl.where(m_causal, b_ds * scale, 0.0)
+    for d in range(0, BK):
+        i_d = i_k * BK + d
+        p_d, m_d, b_gd = _gate_col(g, bos, o_t, m_t, i_h, i_d, H, K)
+        b_qd = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
+        b_kd = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
+        b_m = tl.where(m_causal, b_ds * tl.exp(tl.where(m_causal, b_gd[:, None] - b_gd[None, :], 0.0)), 0.0)
+        sel = (o_k == i_d)[None, :]
+        b_dq += tl.where(sel, tl.sum(b_m * b_kd[None, :], 1)[:, None], 0.0)
+        b_dk += tl.where(sel, tl.sum(b_m * b_qd[:, None], 0)[:, None], 0.0)
+    tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    b_dg = tl.cumsum(b_q * b_dq - b_k * b_dk, 0, reverse=True) + b_dg_end[None, :]
+    tl.store(dg + p_qk, b_dg, mask=m_tk)
+
+
+@triton.jit
+def _gla_bwd_dv_kernel(
+    q,
+    k,
+    g,
+    dhs,
+    do,
+    dv,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``dv [BT, BV]`` with the vector gate: ``(k ⊙ e^{G_last-G}) dh_{n+1} + scale A^T do``."""
+    i_ch, i_v = tl.program_id(0), tl.program_id(1)
+    i_c, i_h = i_ch // H, i_ch % H
+    bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_hs = (i_c.to(tl.int64) * H + i_h) * K * V
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_k = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_gr = tl.load(g + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_k = b_k * tl.exp(tl.sum(b_gr, 0)[None, :] - tl.cumsum(b_gr, 0))
+        b_dh = tl.load(dhs + o_hs + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_dv += tl.dot(b_k.to(DOT), b_dh.to(DOT), input_precision=PREC)
+    # A^T: row j, column i >= j.
+    m_causal = o_t[:, None] <= o_t[None, :]
+    b_At = tl.zeros([BT, BT], dtype=tl.float32)
+    for d in range(0, K):
+        p_d, m_d, b_gd = _gate_col(g, bos, o_t, m_t, i_h, d, H, K)
+        b_qd = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
+        b_kd = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
+        b_e = tl.exp(tl.where(m_causal, b_gd[None, :] - b_gd[:, None], 0.0))
+        b_At += tl.where(m_causal, b_kd[:, None] * b_qd[None, :] * b_e, 0.0)
+    p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_dv += tl.dot((b_At * scale).to(DOT), b_do.to(DOT), input_precision=PREC)
+    tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
 def _block(d: int) -> int:
     """Tile width along a feature dim: a power of two in [32, 64]. ``tl.dot`` accepts 16, but on an H100 with
     triton 3.6 16-bit dots with a 16-wide tile gave wrong outputs (Dv=16, fp16 and bf16, every gate; fp32 and
@@ -407,6 +631,7 @@ def _states(a, b, g, h_in, layout: _Layout, scale: float, reverse: bool, store_o
         BK=bk,
         BV=bv,
         USE_G=g is not None,
+        VEC_G=g is not None and g.dim() == 3,
         USE_H_IN=h_in is not None,
         STORE_H_OUT=store_out,
         IS_VARLEN=layout.varlen,
@@ -432,7 +657,8 @@ def linear_attention_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side, no autograd. ``q, k [B, T, H, Dk]``, ``v [B, T, H, Dv]`` (same dtype), ``g`` None or fp32
-    ``[B, T, H]``, ``initial_state`` None or fp32 ``[N, H, Dk, Dv]``. Returns ``(o [B, T, H, Dv], final state)``."""
+    ``[B, T, H]`` or ``[B, T, H, Dk]``, ``initial_state`` None or fp32 ``[N, H, Dk, Dv]``. Returns
+    ``(o [B, T, H, Dv], final state)``."""
     batch, seq, heads, dk = q.shape
     dv = v.shape[-1]
     layout = _Layout(batch, seq, cu_seqlens, q.device)
@@ -443,28 +669,14 @@ def linear_attention_fwd(
         hs, ht = _states(kf, vf, gf, h0, layout, 1.0, reverse=False, store_out=True)
         if layout.chunks:
             bv = _block(dv)
-            _chunk_fwd_o_kernel[(layout.chunks * heads, triton.cdiv(dv, bv))](
-                qf,
-                kf,
-                vf,
-                gf,
-                hs,
-                o,
-                layout.cu_seqlens,
-                layout.chunk_indices,
-                seq,
-                scale,
-                H=heads,
-                K=dk,
-                V=dv,
-                BT=BT,
-                BK=_block(dk),
-                BV=bv,
-                USE_G=g is not None,
-                IS_VARLEN=layout.varlen,
-                num_warps=4,
-                **_dot_args(q.dtype, q.device),
-            )
+            args = (qf, kf, vf, gf, hs, o, layout.cu_seqlens, layout.chunk_indices, seq, scale)
+            meta = {"H": heads, "K": dk, "V": dv, "BT": BT, "BK": _block(dk), "BV": bv}
+            meta |= {"IS_VARLEN": layout.varlen, "num_warps": 4, **_dot_args(q.dtype, q.device)}
+            grid = (layout.chunks * heads, triton.cdiv(dv, bv))
+            if g is not None and g.dim() == 4:
+                _gla_fwd_o_kernel[grid](*args, **meta)
+            else:
+                _chunk_fwd_o_kernel[grid](*args, USE_G=g is not None, **meta)
     return o, ht
 
 
@@ -479,8 +691,8 @@ def linear_attention_bwd(
     cu_seqlens: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Host side: ``(dq, dk, dv, dg [B, T, H] fp32 or None, d initial_state fp32 or None)``; ``dht`` is the
-    gradient of the final state (None when it was not used). The chunk states are recomputed."""
+    """Host side: ``(dq, dk, dv, dg [B, T, H] / [B, T, H, Dk] fp32 or None, d initial_state fp32 or None)``;
+    ``dht`` is the gradient of the final state (None when it was not used). The chunk states are recomputed."""
     batch, seq, heads, dk = q.shape
     dv = v.shape[-1]
     layout = _Layout(batch, seq, cu_seqlens, q.device)
@@ -490,13 +702,26 @@ def linear_attention_bwd(
     dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     bk, bv = _block(dk), _block(dv)
     nk = triton.cdiv(dk, bk)
+    vec = g is not None and g.dim() == 4
     dgk = torch.empty(nk, batch * seq, heads, dtype=torch.float32, device=q.device) if g is not None else None
-    common = {"H": heads, "K": dk, "V": dv, "BT": BT, "BK": bk, "BV": bv, "USE_G": g is not None}
+    common = {"H": heads, "K": dk, "V": dv, "BT": BT, "BK": bk, "BV": bv}
     common |= {"IS_VARLEN": layout.varlen, "num_warps": 4, **_dot_args(q.dtype, q.device)}
     chunk_args = (layout.cu_seqlens, layout.chunk_indices, seq)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         hs, _ = _states(kf, vf, gf, h0, layout, 1.0, reverse=False, store_out=False)
         dhs, dh0 = _states(qf, dof, gf, dht, layout, scale, reverse=True, store_out=h0 is not None)
+        if vec:
+            # dg [B, T, H, Dk] is written whole by the dq/dk kernel (each K block owns its key dims).
+            dg = torch.empty(batch, seq, heads, dk, dtype=torch.float32, device=q.device)
+            if layout.chunks:
+                _gla_bwd_dqk_kernel[(layout.chunks * heads, nk)](
+                    qf, kf, vf, gf, hs, dhs, dof, dq, dk_, dg, *chunk_args, scale, **common
+                )
+                _gla_bwd_dv_kernel[(layout.chunks * heads, triton.cdiv(dv, bv))](
+                    qf, kf, gf, dhs, dof, dv_, *chunk_args, scale, **common
+                )
+            return dq, dk_, dv_, dg, dh0
+        common["USE_G"] = g is not None
         if layout.chunks:
             _chunk_bwd_dqk_kernel[(layout.chunks * heads, nk)](
                 qf, kf, vf, gf, hs, dhs, dof, dq, dk_, dgk, *chunk_args, batch * seq, scale, **common
@@ -581,11 +806,13 @@ def linear_attention_triton(
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validated arguments in, ``(o, final state or None)`` out; ``g`` None or ``[H]`` / ``[B, T, H]`` (any float
-    dtype, differentiable), ``initial_state`` any float dtype (differentiable)."""
+    """Validated arguments in, ``(o, final state or None)`` out; ``g`` None or ``[H]`` / ``[B, T, H]`` /
+    ``[B, T, H, Dk]`` (any float dtype, differentiable), ``initial_state`` any float dtype (differentiable)."""
     batch, seq, heads, _ = q.shape
-    if g is not None:
+    if g is not None and g.dim() != 4:
         g = g.float().expand(batch, seq, heads).contiguous()
+    elif g is not None:
+        g = g.float().contiguous()
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     if cu_seqlens is not None:
