@@ -135,3 +135,15 @@ def test_plan_prints_the_breakdown(capsys) -> None:
     for category in ("weights", "gradients", "optimizer_state", "activations", "total"):
         assert category in out
     assert main(["plan", "--model", "nope"]) == 2
+
+
+def test_plan_budget_prints_the_train_command(capsys) -> None:
+    from tilewise.cli import main
+
+    assert main(["plan", "--budget", "8GiB", "--model", "base"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out
+    assert "tilewise train --model base --optim adamw8bit --batch-size 8 --seq-len 1024" in out
+    assert "tilewise plan --model base --optim adamw8bit" in out
+    assert main(["plan", "--budget", "1MiB", "--model", "llama-7b"]) == 1
+    assert "Nothing fits" in capsys.readouterr().out

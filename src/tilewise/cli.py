@@ -4,7 +4,7 @@ tilewise env [--json]                  what this machine offers (tilewise.envinf
 tilewise demo [--codebooks ...]        every codebook on one tensor, side by side (tilewise.quant.demo)
 tilewise bench SUITE [--json PATH]     our ops beside the installed peers (tilewise.bench)
 tilewise train [--steps N ...]         train a byte-level LM into one run directory (tilewise.train)
-tilewise plan [--model M ...]          predict a training recipe's memory (tilewise.memory)
+tilewise plan [--budget SIZE ...]      predict a training recipe's memory; fit a budget (tilewise.memory)
 
 Data parallel: ``torchrun --nproc-per-node N -m tilewise train --dist ddp|fsdp ...`` (also ``python -m tilewise``).
 """

@@ -10,7 +10,19 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import tilewise
-from tilewise.memory import CATEGORIES, Recipe, SavedTensorCounter, estimate, format_comparison, measure_peak, plan_main
+from tilewise.memory import (
+    CATEGORIES,
+    Recipe,
+    SavedTensorCounter,
+    estimate,
+    fit_recipe,
+    format_command,
+    format_comparison,
+    measure_peak,
+    parse_size,
+    plan_main,
+    smallest_recipe,
+)
 from tilewise.nn import CONFIGS, build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -224,3 +236,107 @@ def test_format_comparison() -> None:
     assert table[1] == "| --- | ---: | ---: | ---: |"
     assert table[-2:] == ["| other | 1.00 | 1.00 | 1.00 |", "| total (peak) | 9.00 | 6.00 | 0.67 |"]
     assert format_comparison(None, measured).splitlines()[1].split() == ["weights", "-", "1.00", "-"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("24GiB", 24 * 2**30),
+        ("80GB", 80 * 10**9),
+        ("16000MiB", 16000 * 2**20),
+        ("25769803776", 25769803776),
+        ("1.5 gib", 3 * 2**29),
+        (" 512KiB ", 512 * 1024),
+        ("7B", 7),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "24XB", "-1GiB", "0", "1e9", "24 Gi B", "0.1B"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+def test_fit_recipe_keeps_a_recipe_that_fits() -> None:
+    base = Recipe()
+    fits = fit_recipe("base", estimate("base", base).total + 1, base=base)
+    assert fits[0][0] == base
+    assert fits[0][1].total == estimate("base", base).total
+    assert all(bd.total <= estimate("base", base).total + 1 for _, bd in fits)
+
+
+def test_fit_recipe_picks_8bit_state_between_the_totals() -> None:
+    """Between the 8-bit and the fp32-state totals, swapping the optimizer state is the one change that fits."""
+    base = Recipe(optim="adamw")
+    fp32_total = estimate("base", base).total
+    q8_total = estimate("base", dataclasses.replace(base, optim="adamw8bit")).total
+    assert q8_total < fp32_total
+    fits = fit_recipe("base", (q8_total + fp32_total) // 2, base=base)
+    best, bd = fits[0]
+    assert best == dataclasses.replace(base, optim="adamw8bit")
+    assert bd.total == q8_total
+
+    # the tokens per step never change; fewest changes first
+    def knobs(r: Recipe) -> tuple:
+        return (r.optim, (r.param_dtype, r.autocast_bf16), r.activation_checkpointing, r.batch_size)
+
+    changes = [sum(a != b for a, b in zip(knobs(r), knobs(base), strict=True)) for r, _ in fits]
+    assert changes == sorted(changes)
+    assert all(r.batch_size * r.grad_accum == base.batch_size * base.grad_accum for r, _ in fits)
+
+
+def test_fit_recipe_search_axes() -> None:
+    base = Recipe(optim="lion8bit", batch_size=12, param_dtype="fp32", autocast_bf16=True)
+    recipes = [r for r, _ in fit_recipe("tiny", 2**40, base=base)]
+    assert {r.optim for r in recipes} == {"lion8bit"}  # Lion is kept
+    assert {(r.batch_size, r.grad_accum) for r in recipes} == {(12, 1), (6, 2), (3, 4), (1, 12)}
+    assert {(r.param_dtype, r.autocast_bf16) for r in recipes} == {("fp32", True), ("bf16", False)}
+    assert len(recipes) == 4 * 2 * 2
+    assert recipes[1] == dataclasses.replace(base, param_dtype="bf16", autocast_bf16=False)
+    optims = [r.optim for r, _ in fit_recipe("tiny", 2**40, base=Recipe(optim="adamw", batch_size=1))[:4]]
+    assert optims == ["adamw", "tw-adamw", "adamw8bit", "adamw4bit"]
+
+
+def test_fit_recipe_nothing_fits_llama_7b() -> None:
+    base = Recipe(optim="adamw", batch_size=8, seq_len=1024)
+    assert fit_recipe("llama-7b", 2**20, base=base) == []
+    smallest, bd = smallest_recipe("llama-7b", base=base)
+    assert (smallest.optim, smallest.param_dtype, smallest.activation_checkpointing) == ("adamw4bit", "bf16", True)
+    assert (smallest.batch_size, smallest.grad_accum) == (1, 8)
+    assert bd.total > 2**20
+
+
+def test_format_command() -> None:
+    recipe = Recipe(optim="adamw8bit", batch_size=4, grad_accum=2, activation_checkpointing=True, autocast_bf16=True)
+    train, caveat = format_command("train", "base", recipe)
+    assert train == (
+        "tilewise train --model base --optim adamw8bit --batch-size 4 --seq-len 1024 --grad-accum 2 "
+        "--activation-checkpointing"
+    )
+    assert caveat is None
+    plan, _ = format_command("plan", "base", recipe, mixer="pooling")
+    assert plan.endswith("--grad-accum 2 --autocast --checkpointing")
+    assert "--mixer pooling" in plan
+    assert "bf16 parameters" in format_command("train", "base", dataclasses.replace(recipe, param_dtype="bf16"))[1]
+
+
+def test_plan_main_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--model", "base", "--optim", "adamw", "--autocast"]
+    assert plan_main([*argv, "--budget", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "this recipe fits" in out
+    assert "tilewise train --model base --optim adamw --batch-size 8 --seq-len 1024\n" in out
+    assert "upper bound" in out
+    assert plan_main([*argv, "--budget", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out
+    assert "Best fitting recipe" in out
+    assert plan_main(["--model", "llama-7b", "--budget", "1MiB"]) == 1
+    out = capsys.readouterr().out
+    assert "Nothing fits" in out
+    assert "smallest total found" in out
+    assert plan_main(["--budget", "24XB"]) == 2
+    assert "invalid size '24XB'" in capsys.readouterr().out

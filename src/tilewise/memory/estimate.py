@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 
@@ -21,7 +23,18 @@ from tilewise.nn import CONFIGS, MIXERS, MetaFormerConfig, build_model
 from tilewise.nn.metaformer import _mixer_kwargs
 from tilewise.ops.optim_step import QUANT_FORMATS, init_state
 
-__all__ = ["CATEGORIES", "OPTIMIZERS", "Breakdown", "Recipe", "estimate", "plan_main"]
+__all__ = [
+    "CATEGORIES",
+    "OPTIMIZERS",
+    "Breakdown",
+    "Recipe",
+    "estimate",
+    "fit_recipe",
+    "format_command",
+    "parse_size",
+    "plan_main",
+    "smallest_recipe",
+]
 
 CATEGORIES: tuple[str, ...] = ("weights", "gradients", "optimizer_state", "activations", "other")
 # optim name -> (state kind, state format); "torch" keeps torch.optim.AdamW's state in the parameter's dtype.
@@ -279,42 +292,264 @@ def estimate(model: str | MetaFormerConfig, recipe: Recipe, *, mixer: str | None
     Raises:
         ValueError: for an unknown model, mixer or optimizer name.
     """
-    config = _config(model, mixer)
-    dtype = DTYPES[recipe.param_dtype]
-    meta = build_model(config, device="meta", dtype=dtype)
-    params = list(meta.parameters())
+    return _estimate(model, _config(model, mixer), recipe, {})
+
+
+def _estimate(model: str | MetaFormerConfig, config: MetaFormerConfig, recipe: Recipe, cache: dict) -> Breakdown:
+    """:func:`estimate` with the meta model (per parameter dtype) and optimizer bytes kept in ``cache``."""
+    if recipe.param_dtype not in cache:
+        meta = build_model(config, device="meta", dtype=DTYPES[recipe.param_dtype])
+        params = list(meta.parameters())
+        linear_numel = sum(m.weight.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear))
+        cache[recipe.param_dtype] = (params, linear_numel)
+    params, linear_numel = cache[recipe.param_dtype]
+    opt_key = (recipe.optim, recipe.param_dtype, recipe.min_quant_numel)
+    if opt_key not in cache:
+        cache[opt_key] = _optimizer_bytes(params, recipe)
     weights = sum(p.numel() * p.element_size() for p in params)
-    linear_numel = sum(m.weight.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear))
     name = model if isinstance(model, str) else "custom config"
     title = (
         f"{name} ({config.mixer}, {sum(p.numel() for p in params):,} params), {recipe.optim}, "
         f"{recipe.param_dtype}{' + autocast bf16' if recipe.autocast_bf16 else ''}, "
-        f"B={recipe.batch_size} T={recipe.seq_len}{', checkpointing' if recipe.activation_checkpointing else ''}"
+        f"B={recipe.batch_size} T={recipe.seq_len}"
+        f"{f' grad_accum={recipe.grad_accum}' if recipe.grad_accum > 1 else ''}"
+        f"{', checkpointing' if recipe.activation_checkpointing else ''}"
     )
     return Breakdown(
         weights=weights,
         gradients=weights,
-        optimizer_state=_optimizer_bytes(params, recipe),
+        optimizer_state=cache[opt_key],
         activations=_activation_bytes(config, recipe, linear_numel),
         other=OTHER_ALLOWANCE,
         title=title,
     )
 
 
+_SIZE_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``"24GiB"``, ``"80GB"``, ``"16000MiB"``, ``"1.5 GiB"`` or ``"25769803776"``.
+
+    Units (case-insensitive): ``B``; decimal ``KB``, ``MB``, ``GB``, ``TB`` (powers of 1000); binary ``KiB``,
+    ``MiB``, ``GiB``, ``TiB`` (powers of 1024). A number without a unit is bytes. The result is rounded down to
+    whole bytes.
+
+    Raises:
+        ValueError: for anything else, or a size below one byte.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(
+            f"invalid size {text!r}: use a number of bytes or a number with a unit, e.g. 24GiB, 80GB, 16000MiB "
+            "(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    value = int(Decimal(match.group(1)) * _SIZE_UNITS[unit])
+    if value < 1:
+        raise ValueError(f"invalid size {text!r}: must be at least one byte")
+    return value
+
+
+# The search axes of fit_recipe, each in order of increasing cost to training quality or speed.
+_ADAM_CHAIN: tuple[str, ...] = ("tw-adamw", "adamw8bit", "adamw4bit")
+
+
+def _optim_steps(optim: str) -> list[str]:
+    """The user's optimizer, then the cheaper-state AdamW variants after it; Lion and SGD are kept as given."""
+    if optim == "adamw":
+        return [optim, *_ADAM_CHAIN]
+    if optim in _ADAM_CHAIN:
+        return list(_ADAM_CHAIN[_ADAM_CHAIN.index(optim) :])
+    return [optim]
+
+
+def _dtype_steps(param_dtype: str, autocast: bool) -> list[tuple[str, bool]]:
+    """The user's (parameter dtype, autocast), then fp32 + bf16 autocast, then bf16 parameters."""
+    if param_dtype == "bf16":
+        return [("bf16", autocast)]
+    if autocast:
+        return [("fp32", True), ("bf16", False)]
+    return [("fp32", False), ("fp32", True), ("bf16", False)]
+
+
+def _batch_steps(batch_size: int, grad_accum: int) -> list[tuple[int, int]]:
+    """(micro-batch, grad_accum): the user's, then halving while it divides exactly, then 1; tokens per step kept."""
+    steps = [(batch_size, grad_accum)]
+    b = batch_size
+    while b > 1:
+        b = b // 2 if b % 2 == 0 else 1
+        steps.append((b, grad_accum * batch_size // b))
+    return steps
+
+
+def fit_recipe(
+    model: str | MetaFormerConfig, budget_bytes: int, *, base: Recipe, mixer: str | None = None
+) -> list[tuple[Recipe, Breakdown]]:
+    """Recipes near ``base`` whose predicted total (:func:`estimate`) is at most ``budget_bytes``, best first.
+
+    The search varies four knobs, each along its own steps, ordered from least to most cost to training quality
+    or speed:
+
+    1. optimizer state: ``base.optim``, then the AdamW variants after it in ``tw-adamw`` (fp32 state) ->
+       ``adamw8bit`` -> ``adamw4bit`` (from ``adamw``, all three); ``lion8bit`` and ``sgd`` are kept as given;
+    2. parameter dtype: the base's, then fp32 parameters under bf16 autocast, then bf16 parameters;
+    3. activation checkpointing: the base's, then on;
+    4. micro-batch size: the base's, halved while it divides exactly (then 1), ``grad_accum`` raised so that
+       ``batch_size * grad_accum`` (the tokens per step, with ``seq_len``) stays the same.
+
+    Ordering rule: fewest knobs changed from ``base`` first; among recipes with as many changes, the one that went
+    least far along the costliest knob first (micro-batch, then checkpointing, then dtype, then optimizer: the
+    steps compared as a tuple in that order). So ``base`` itself comes first when it fits, and a recipe that only
+    swaps the optimizer state beats one that only turns on checkpointing.
+
+    The estimate sums the categories, an upper bound on the peak (on an H100, measured peaks were within 3% of it
+    without checkpointing; with checkpointing the estimate ran 11-12% high: BENCHMARKS.md), and leaves out the
+    CUDA context (~0.5 GiB): keep some headroom in ``budget_bytes``.
+
+    Returns:
+        ``(recipe, breakdown)`` pairs that fit, best first; empty when nothing in the search fits (the smallest
+        total is then :func:`smallest_recipe`'s).
+
+    Raises:
+        ValueError: for an unknown model or mixer, or a mixer without an activation formula.
+    """
+    ranked = sorted(_search(model, base, mixer), key=lambda row: row[0])
+    return [(recipe, bd) for _, recipe, bd in ranked if bd.total <= budget_bytes]
+
+
+def smallest_recipe(
+    model: str | MetaFormerConfig, *, base: Recipe, mixer: str | None = None
+) -> tuple[Recipe, Breakdown]:
+    """The recipe with the smallest predicted total in :func:`fit_recipe`'s search (ties: the best ranked)."""
+    ranked = sorted(_search(model, base, mixer), key=lambda row: (row[2].total, row[0]))
+    return ranked[0][1], ranked[0][2]
+
+
+def _search(
+    model: str | MetaFormerConfig, base: Recipe, mixer: str | None
+) -> list[tuple[tuple[int, ...], Recipe, Breakdown]]:
+    config = _config(model, mixer)
+    cache: dict = {}
+    rows = []
+    optims = _optim_steps(base.optim)
+    dtypes = _dtype_steps(base.param_dtype, base.autocast_bf16)
+    ckpts = [base.activation_checkpointing] + ([True] if not base.activation_checkpointing else [])
+    batches = _batch_steps(base.batch_size, base.grad_accum)
+    for i_b, (batch_size, grad_accum) in enumerate(batches):
+        for i_c, ckpt in enumerate(ckpts):
+            for i_d, (param_dtype, autocast) in enumerate(dtypes):
+                for i_o, optim in enumerate(optims):
+                    recipe = dataclasses.replace(
+                        base,
+                        optim=optim,
+                        param_dtype=param_dtype,
+                        autocast_bf16=autocast,
+                        activation_checkpointing=ckpt,
+                        batch_size=batch_size,
+                        grad_accum=grad_accum,
+                    )
+                    steps = (i_b, i_c, i_d, i_o)
+                    key = (sum(1 for i in steps if i > 0), *steps)
+                    rows.append((key, recipe, _estimate(model, config, recipe, cache)))
+    return rows
+
+
+def format_command(
+    command: str, model: str | MetaFormerConfig, recipe: Recipe, *, mixer: str | None = None
+) -> tuple[str, str | None]:
+    """``recipe`` as a ``tilewise train`` or ``tilewise plan`` command line (``command``), and a caveat or None.
+
+    ``tilewise train`` has no parameter-dtype flag: it trains fp32 parameters, under bf16 autocast on CUDA only,
+    and offers the AdamW/Lion optimizers; the caveat says where the recipe needs more than its flags.
+    """
+    if command not in ("train", "plan"):
+        raise ValueError(f"command must be 'train' or 'plan', got {command!r}")
+    name = model if isinstance(model, str) else "<custom config>"
+    parts = ["tilewise", command, "--model", name]
+    if mixer is not None:
+        parts += ["--mixer", mixer]
+    parts += ["--optim", recipe.optim, "--batch-size", str(recipe.batch_size), "--seq-len", str(recipe.seq_len)]
+    if recipe.grad_accum > 1:
+        parts += ["--grad-accum", str(recipe.grad_accum)]
+    caveat = None
+    if command == "train":
+        if recipe.activation_checkpointing:
+            parts.append("--activation-checkpointing")
+        if recipe.device == "cpu":
+            parts += ["--device", "cpu"]
+        from tilewise.train.trainer import OPTIMIZERS as TRAIN_OPTIMIZERS
+
+        if recipe.param_dtype != "fp32":
+            caveat = "tilewise train has no flag for bf16 parameters (it trains fp32 parameters): use your own loop"
+        elif recipe.optim not in TRAIN_OPTIMIZERS:
+            caveat = f"tilewise train does not offer --optim {recipe.optim}: use your own loop"
+        elif recipe.autocast_bf16 != (recipe.device == "cuda"):
+            caveat = (
+                "tilewise train uses bf16 autocast on CUDA and none on the CPU, so its memory differs from this "
+                "recipe's"
+            )
+    else:
+        if recipe.param_dtype != "fp32":
+            parts += ["--dtype", recipe.param_dtype]
+        if recipe.autocast_bf16:
+            parts.append("--autocast")
+        if recipe.activation_checkpointing:
+            parts.append("--checkpointing")
+        if recipe.device != "cuda":
+            parts += ["--device", recipe.device]
+    return " ".join(parts), caveat
+
+
+BUDGET_NOTE = (
+    "Totals are the plain sum of the categories, an upper bound on the peak: on an H100, measured peaks were within "
+    "3% of it without activation checkpointing, and with checkpointing the estimate ran 11-12% high (BENCHMARKS.md); "
+    "the CUDA context (~0.5 GiB) is not included."
+)
+
+
+def _human(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
 def plan_main(argv: list[str] | None = None) -> int:
-    """``tilewise plan``: print the predicted breakdown for a model and recipe; returns the exit status."""
+    """``tilewise plan``: print the predicted breakdown for a model and recipe; returns the exit status.
+
+    With ``--budget SIZE`` it also says whether the recipe fits and prints the best fitting recipe of
+    :func:`fit_recipe` as ``tilewise train`` / ``tilewise plan`` command lines with its breakdown. Exit status: 0
+    when the breakdown is printed and, with ``--budget``, some recipe fits; 1 when nothing in the search fits the
+    budget; 2 for bad arguments.
+    """
     parser = argparse.ArgumentParser(prog="tilewise plan", description="Predict training memory (no allocation).")
     parser.add_argument("--model", default="tiny", help=f"named config: {', '.join(CONFIGS)}")
     parser.add_argument("--optim", default="adamw", help=f"optimizer: {', '.join(OPTIMIZERS)}")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="parameter dtype")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast for fp32 parameters")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     parser.add_argument("--mixer", default=None, help=f"token mixer: {', '.join(sorted(MIXERS))}")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run will train")
+    parser.add_argument(
+        "--budget",
+        metavar="SIZE",
+        help="memory per GPU, e.g. 24GiB, 80GB, 16000MiB or bytes: say whether the recipe fits and find one that does",
+    )
     args = parser.parse_args(argv)
     try:
+        budget = parse_size(args.budget) if args.budget is not None else None
         recipe = Recipe(
             optim=args.optim,
             param_dtype=args.dtype,
@@ -322,11 +557,36 @@ def plan_main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             seq_len=args.seq_len,
             activation_checkpointing=args.checkpointing,
+            grad_accum=args.grad_accum,
             device=args.device,
         )
         breakdown = estimate(args.model, recipe, mixer=args.mixer)
+        fits = fit_recipe(args.model, budget, base=recipe, mixer=args.mixer) if budget is not None else []
     except ValueError as err:
         print(f"tilewise plan: error: {err}")
         return 2
     print(breakdown.format_table())
+    if budget is None:
+        return 0
+    verdict = "fits" if breakdown.total <= budget else "does not fit"
+    print(f"\nBudget {budget:,} bytes ({_human(budget)}): this recipe {verdict} ({_human(breakdown.total)} predicted).")
+    if not fits:
+        smallest, small_bd = smallest_recipe(args.model, base=recipe, mixer=args.mixer)
+        print(f"Nothing fits: the smallest total found is {_human(small_bd.total)} ({small_bd.total:,} bytes), for:")
+        print(f"  {format_command('plan', args.model, smallest, mixer=args.mixer)[0]}")
+        print("Try a shorter --seq-len, a smaller model, or sharding over GPUs (tilewise train --dist fsdp).")
+        print(BUDGET_NOTE)
+        return 1
+    best, best_bd = fits[0]
+    label = "the recipe as given" if best == recipe else "fewest changes from the recipe as given"
+    print(f"Best fitting recipe ({label}; {len(fits)} of the searched recipes fit):")
+    train_cmd, caveat = format_command("train", args.model, best, mixer=args.mixer)
+    print(f"  {train_cmd}")
+    if caveat:
+        print(f"  (note: {caveat})")
+    print(f"  {format_command('plan', args.model, best, mixer=args.mixer)[0]}")
+    if best != recipe:
+        print()
+        print(best_bd.format_table())
+    print(BUDGET_NOTE)
     return 0
