@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from tilewise.nn import CONFIGS, MIXERS, build_mixer, build_model
 from tilewise.nn import mixers as mixers_module
+from tilewise.ops import fft_conv, linear_attention
 
 SMALL = dataclasses.replace(CONFIGS["tiny"], dim=64, n_layers=2, max_seq_len=64)
-OP_MIXERS = {"linear_attention": "linear_attention", "fft_conv": "fft_conv"}
 
 
 def naive_linear_attention(q, k, v, g=None, *, scale=None, **_):
@@ -46,14 +46,9 @@ ORACLES = {"linear_attention": naive_linear_attention, "fft_conv": naive_fft_con
 
 @pytest.fixture(params=["oracle", "tilewise"])
 def op_source(request, monkeypatch) -> str:
-    """``oracle``: the mixers call the naive ops above; ``tilewise``: the real ops (skipped while missing)."""
+    """``oracle``: the mixers call the naive ops above; ``tilewise``: the real ops."""
     if request.param == "oracle":
         monkeypatch.setattr(mixers_module, "_load_op", lambda name: ORACLES[name])
-    else:
-        for name in OP_MIXERS.values():
-            module = pytest.importorskip(f"tilewise.ops.{name}")
-            if not hasattr(module, name):
-                pytest.skip(f"tilewise.ops.{name} has no public {name}() yet")
     return request.param
 
 
@@ -216,18 +211,14 @@ def test_pooling_is_poolformer_mean_minus_identity() -> None:
 
 
 def test_ops_agree_with_the_math_the_mixers_assume() -> None:
-    la = pytest.importorskip("tilewise.ops.linear_attention")
-    fc = pytest.importorskip("tilewise.ops.fft_conv")
-    if not (hasattr(la, "linear_attention") and hasattr(fc, "fft_conv")):
-        pytest.skip("the ops' public functions are not there yet")
     torch.manual_seed(42)
     q, k, v = torch.randn(2, 70, 3, 8), torch.randn(2, 70, 3, 8), torch.randn(2, 70, 3, 8)
     g = F.logsigmoid(torch.randn(2, 70, 3)) / 4
-    o, _ = la.linear_attention(q, k, v, g, scale=0.5)
+    o, _ = linear_attention(q, k, v, g, scale=0.5)
     torch.testing.assert_close(o, naive_linear_attention(q, k, v, g, scale=0.5)[0], atol=1e-4, rtol=1e-4)
     u, kern, skip = torch.randn(2, 5, 70), torch.randn(5, 70) / 8, torch.randn(5)
     expected = naive_fft_conv(u, kern, skip=skip)
-    torch.testing.assert_close(fc.fft_conv(u, kern, skip=skip), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fft_conv(u, kern, skip=skip), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "fft_conv", "sepconv"])
