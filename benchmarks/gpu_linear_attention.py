@@ -9,7 +9,11 @@
    one table: ms and % of the floor. The floor is the time to move the bytes once at the measured copy bandwidth:
    forward reads q, k, v and writes o; forward+backward also reads do and writes dq, dk, dv (8 tensors).
 
-Options: ``--skip-check``, ``--skip-time``, ``--seqlens 2048 8192``.
+3. ``--sweep``: times tilewise's launch choices (``tilewise.ops.linear_attention.triton.TUNING``: the fused one-pass
+   forward vs the state + output kernels, its V tile and warps, 16-bit vs fp32 chunk states, the gradient kernels'
+   tile widths and warps) at the first ``--seqlens`` value, no gate and scalar gate, and prints one row per variant.
+
+Options: ``--skip-check``, ``--skip-time``, ``--sweep``, ``--seqlens 2048 8192``, ``--no-peers``.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def _time_pair(fn, leaves, do) -> tuple[float, float]:
     return fwd, _bench(step, grad_to_none=grads)
 
 
-def time_all(seqlens: list[int], batch: int = 4, heads: int = 16, dim: int = 128) -> None:
+def time_all(seqlens: list[int], batch: int = 4, heads: int = 16, dim: int = 128, peers: bool = True) -> None:
     dtype = torch.bfloat16
     buf = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     copy_ms = _bench(lambda: torch.empty_like(buf).copy_(buf))
@@ -133,7 +137,7 @@ def time_all(seqlens: list[int], batch: int = 4, heads: int = 16, dim: int = 128
         "tilewise (scalar gate)": (lambda q, k, v, g: _ours(q, k, v, g, None, None)[0], "scalar"),
         "tilewise reference (scalar gate)": (lambda q, k, v, g: _ref(q, k, v, g, None, None)[0], "scalar"),
     }
-    peers = _peers()
+    peers = _peers() if peers else {}
     rows = [(n, fn, gate) for n, (fn, gate) in ours.items()]
     rows.append(("torch SDPA causal", lambda q, k, v, g: _sdpa(q, k, v), None))
     rows += [(n, fn, "scalar" if "gla" in n else None) for n, fn in peers.items()]
@@ -164,6 +168,38 @@ def time_all(seqlens: list[int], batch: int = 4, heads: int = 16, dim: int = 128
             torch.cuda.empty_cache()
 
 
+# name -> TUNING changes from the defaults; each row is timed with only its changes applied.
+SWEEP = {
+    "defaults": {},
+    "split, fp32 states (before)": {"fused_fwd": False, "low_precision_states": False, "bwd_bk": 64, "bwd_bv": 64},
+    "fused bv64 w4 s3": {"fwd_stages": 3},
+    "bwd w4": {"bwd_warps": 4},
+    "gated 16-bit states": {"gated_low_precision_states": True},
+    "gated 16-bit states, bwd w4": {"gated_low_precision_states": True, "bwd_warps": 4},
+}
+
+
+def sweep(seq: int, batch: int = 4, heads: int = 16, dim: int = 128) -> None:
+    from tilewise.ops.linear_attention import triton as la_triton
+
+    defaults = dict(la_triton.TUNING)
+    print(f"\nsweep: B={batch} T={seq} H={heads} Dk=Dv={dim} bf16; defaults {defaults}")
+    print(f"{'variant':30} {'gate':7} {'fwd ms':>8} {'fwd+bwd ms':>11}")
+    for name, change in SWEEP.items():
+        la_triton.TUNING.clear()
+        la_triton.TUNING.update(defaults | change)
+        for gate in (None, "scalar"):
+            leaves = _inputs(batch, seq, heads, dim, dim, gate, torch.bfloat16)[:4]
+            do = torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16)
+            try:
+                fwd, both = _time_pair(lambda q, k, v, g: _ours(q, k, v, g, None, None)[0], leaves, do)
+                print(f"{name:30} {gate or '-':7} {fwd:8.3f} {both:11.3f}", flush=True)
+            except Exception as e:  # e.g. out of shared memory for a wide tile: report and go on
+                print(f"{name:30} {gate or '-':7} failed ({type(e).__name__}: {str(e)[:90]})", flush=True)
+    la_triton.TUNING.clear()
+    la_triton.TUNING.update(defaults)
+
+
 def _sdpa(q, k, v):
     # SDPA wants [B, H, T, D].
     o = torch.nn.functional.scaled_dot_product_attention(
@@ -177,6 +213,8 @@ def main() -> int:
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--sweep", action="store_true", help="time the launch choices at the first --seqlens value")
+    parser.add_argument("--no-peers", action="store_true", help="leave out fla (its autotuning takes minutes)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -188,8 +226,10 @@ def main() -> int:
     if not args.skip_check:
         torch.manual_seed(42)
         ok = check()
+    if args.sweep:
+        sweep(args.seqlens[0])
     if not args.skip_time:
-        time_all(args.seqlens)
+        time_all(args.seqlens, peers=not args.no_peers)
     return 0 if ok else 1
 
 

@@ -5,6 +5,7 @@
 # the rest. The whole run stays under TOTAL_S seconds (default 560, inside the device tool's 600 s per command).
 # Steps, most needed first:
 #   1. block-sparse attention: the GPU tests, then the check + timing against SDPA at T=32768 (10%/20% blocks);
+#   1b. the vector-gate (GLA) linear attention tests on the GPU;
 #   2. linear attention at T=8192 and 32768 beside fla (the earlier run's time limit cut these rows);
 #   3. fft_conv's kernel sweep at N=8192 (precision, pair vs one row, block, stages), for the next design step;
 #   4. tilewise bench mixers (JSON into $OUT), if time is left.
@@ -44,6 +45,7 @@ step() {
 }
 
 step bsa-tests 120 $PY -m pytest -q -p no:benchmark -rfE --tb=short tests/ops/test_block_sparse_attention.py
+step gla-tests 90 $PY -m pytest -q -p no:benchmark -rfE --tb=short -k vector tests/ops/test_linear_attention.py
 step bsa-bench 150 $PY benchmarks/gpu_block_sparse_attention.py
 step la-bench 120 $PY benchmarks/gpu_linear_attention.py --skip-check --seqlens 8192 32768
 step fft-sweep 90 $PY benchmarks/gpu_fft_conv.py --no-check --sweep-n 8192 --n 8192

@@ -371,6 +371,75 @@ def test_triton_empty_sequence(device: str) -> None:
     assert_close(final, h0)
 
 
+@pytest.fixture
+def tuning(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The Triton module's launch choices (``TUNING``), restored after the test."""
+    mod = importlib.import_module("tilewise.ops.linear_attention.triton")
+    monkeypatch.setattr(mod, "TUNING", dict(mod.TUNING))
+    return mod.TUNING
+
+
+# The other launch paths, each forced at small sizes: the fused one-pass forward (which the size rule only picks with
+# >= 64 programs), and one wide tile per feature dim for the gradient kernels (Dk = 100: one 128 tile, masked).
+FUSED_CASES = [
+    (2, 63, 2, 16, 32, torch.float32, None),
+    (1, 130, 1, 100, 48, torch.float32, "head"),
+    (1, 130, 2, 32, 32, torch.float32, "scalar"),
+    (2, 70, 2, 32, 32, torch.bfloat16, None),
+    (1, 65, 2, 32, 16, torch.bfloat16, "scalar"),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_triton_fused_forward_and_wide_tiles(case: tuple, device: str, tuning: dict) -> None:
+    tuning.update(fused_min_programs=1, bwd_bk=128, bwd_bv=128)
+    *shape, dtype, gate = case
+    inputs = make_inputs(*shape, gate, dtype, device)
+    got = forward_and_grads(triton_call, inputs)
+    want = forward_and_grads(chunked, inputs)
+    assert_all_close(got, want, dtype, grad_names(inputs), _triton_rel(dtype, device))
+
+
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned_empty")
+def test_triton_fused_forward_varlen(device: str, tuning: dict) -> None:
+    tuning.update(fused_min_programs=1)
+    cu = torch.tensor([0, 0, 1, 64, 130, 200], dtype=torch.int32, device=device)
+    inputs = make_inputs(1, 200, 2, 16, 16, "scalar", device=device, n_states=5)
+    got = forward_and_grads(triton_call, inputs, cu)
+    want = forward_and_grads(chunked, inputs, cu)
+    assert_all_close(got, want, torch.float32, grad_names(inputs))
+
+
+@pytest.mark.interpret
+def test_triton_fused_forward_is_taken_and_matches_split(device: str, tuning: dict) -> None:
+    """The fused pass is what runs when forced (no chunk-state kernel launched) and gives the split path's o and
+    final state; without an initial state and on an empty sequence too."""
+    mod = importlib.import_module("tilewise.ops.linear_attention.triton")
+    q, k, v = (torch.randn(2, 100, 2, 32, device=device) for _ in range(3))
+    g = -torch.rand(2, 100, 2, device=device)
+    tuning.update(fused_fwd=False)
+    o_split, h_split = mod.linear_attention_fwd(q, k, v, g, None, None, 0.5)
+    tuning.update(fused_fwd=True, fused_min_programs=1)
+    calls = []
+    real = mod._states
+    mod._states = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        o_fused, h_fused = mod.linear_attention_fwd(q, k, v, g, None, None, 0.5)
+        empty = torch.empty(2, 0, 2, 32, device=device)
+        h0 = torch.randn(2, 2, 32, 32, device=device)
+        o_empty, h_empty = mod.linear_attention_fwd(empty, empty, empty, None, h0, None, 1.0)
+    finally:
+        mod._states = real
+    assert not calls
+    assert_rel_rms(o_fused, o_split, REL[torch.float32])
+    assert_rel_rms(h_fused, h_split, REL[torch.float32])
+    assert o_empty.shape == (2, 0, 2, 32)
+    assert_close(h_empty, h0)
+
+
 # Vector gate g [B, T, H, Dk] (GLA), against the token-by-token recurrence: T in {1, 63, 64, 130}, Dk and Dv in
 # {16, 32} (tiles padded to 32), two K blocks (Dk = 100), fp32 and bf16; every case with an initial and a final state.
 VECTOR_CASES = [
@@ -482,6 +551,24 @@ def test_triton_matches_reference_gpu(gate: str | None, dtype: torch.dtype) -> N
     want = forward_and_grads(chunked, inputs)
     # bf16: products in bf16 (state rounded to bf16 before q h_n), as fla does.
     assert_all_close(got, want, dtype, grad_names(inputs), 2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", [None, "scalar"])
+@pytest.mark.parametrize("path", ["fused", "split", "gated-16-bit-states"])
+def test_triton_launch_paths_gpu(gate: str | None, path: str, tuning: dict) -> None:
+    """Both forward paths and both gradient tile widths at a real size (the size rule picks one of each), and the
+    gated kernels reading 16-bit chunk states."""
+    if path == "fused":
+        tuning.update(fused_fwd=True, fused_min_programs=1, bwd_bk=128, bwd_bv=128)
+    elif path == "split":
+        tuning.update(fused_fwd=False, bwd_bk=64, bwd_bv=64, low_precision_states=False)
+    else:
+        tuning.update(gated_low_precision_states=True)
+    inputs = make_inputs(2, 2048 + 17, 4, 128, 128, gate, torch.bfloat16, "cuda")
+    got = forward_and_grads(triton_call, inputs)
+    want = forward_and_grads(chunked, inputs)
+    assert_all_close(got, want, torch.bfloat16, grad_names(inputs), 2e-2)
 
 
 @pytest.mark.gpu

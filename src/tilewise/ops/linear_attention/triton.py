@@ -21,12 +21,13 @@ The autograd pair is registered with ``torch.library`` (``tilewise::linear_atten
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BT", "linear_attention_bwd", "linear_attention_fwd", "linear_attention_triton"]
+__all__ = ["BT", "TUNING", "linear_attention_bwd", "linear_attention_fwd", "linear_attention_triton"]
 
 # Chunk length: the intra-chunk attention is a [BT, BT] block.
 BT = 64
@@ -197,6 +198,81 @@ def _chunk_fwd_o_kernel(
     b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_o += tl.dot(b_A.to(DOT), b_v.to(DOT), input_precision=PREC)
     tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _chunk_fwd_fused_kernel(
+    q,
+    k,
+    v,
+    g,
+    h_in,
+    o,
+    h_out,
+    cu_seqlens,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    KP: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    USE_H_IN: tl.constexpr,
+    STORE_H_OUT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The whole forward of one ``(sequence, head, V block)`` in one pass: the state ``h [K, BV]`` stays in fp32
+    registers while the chunks go by, so no chunk state touches memory (``KP``: K padded to a power of two).
+
+    Per chunk: ``o = scale * ((q ⊙ e^G) h + mask(q k^T ⊙ e^{G_i - G_j}) v)``, then
+    ``h <- e^{G_last} h + (k ⊙ e^{G_last-G})^T v``: the state and output kernels' math, in one loop."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        bos = i_n.to(tl.int64) * T
+    NT = tl.cdiv(T, BT)
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([KP, BV], dtype=tl.float32)
+    if USE_H_IN:
+        b_h += tl.load(h_in + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.0)
+    for i_t in range(0, NT):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_q = q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        b_q = tl.load(p_q, mask=m_t[:, None] & m_k[None, :], other=0.0).to(DOT)
+        p_kt = k + ((bos + o_t[None, :]) * H + i_h) * K + o_k[:, None]
+        b_kt = tl.load(p_kt, mask=m_t[None, :] & m_k[:, None], other=0.0).to(tl.float32)
+        p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
+        b_A = tl.dot(b_q, b_kt.to(DOT), input_precision=PREC)
+        b_o = tl.dot(b_q, b_h.to(DOT), input_precision=PREC)
+        m_causal = o_t[:, None] >= o_t[None, :]
+        if USE_G:
+            b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
+            b_o = b_o * tl.exp(b_gc)[:, None]
+            # Mask before exp: G_i - G_j > 0 above the diagonal would overflow.
+            b_A = tl.where(m_causal, b_A * tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+            b_kt = b_kt * tl.exp(b_glast - b_gc)[None, :]
+            b_h = b_h * tl.exp(b_glast)
+        else:
+            b_A = tl.where(m_causal, b_A, 0.0)
+        b_o += tl.dot(b_A.to(DOT), b_v, input_precision=PREC)
+        tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        b_h += tl.dot(b_kt.to(DOT), b_v, input_precision=PREC)
+    if STORE_H_OUT:
+        tl.store(h_out + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
 
 
 @triton.jit
@@ -562,11 +638,41 @@ def _gla_bwd_dv_kernel(
     tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
-def _block(d: int) -> int:
-    """Tile width along a feature dim: a power of two in [32, 64]. ``tl.dot`` accepts 16, but on an H100 with
+def _block(d: int, cap: int = 64) -> int:
+    """Tile width along a feature dim: a power of two in [32, cap]. ``tl.dot`` accepts 16, but on an H100 with
     triton 3.6 16-bit dots with a 16-wide tile gave wrong outputs (Dv=16, fp16 and bf16, every gate; fp32 and
     16-bit at 32 were right), so feature dims below 32 are padded to 32 (masked)."""
-    return min(64, max(32, triton.next_power_of_2(d)))
+    return min(cap, max(32, triton.next_power_of_2(d)))
+
+
+# Launch choices (benchmarks/gpu_linear_attention.py --sweep times the alternatives on a GPU; the defaults are the
+# H100 winners there). ``fused_fwd``: one pass per (sequence, head, V block) that keeps the state in registers
+# (_chunk_fwd_fused_kernel) when at least ``fused_min_programs`` such programs fill the GPU, else the state and
+# output kernels (more parallel, but every chunk state goes through memory). ``bwd_bk`` / ``bwd_bv``: the dq/dk
+# kernel's K tile and the dv kernel's V tile (one tile for Dk, Dv <= 128 reads v, do and q, k once).
+# ``low_precision_states``: with 16-bit inputs and no gate the chunk states go to memory in the input dtype; every
+# reader rounds them to that dtype before its dot anyway, so this halves their bytes and changes no result.
+# ``gated_low_precision_states``: the same with a scalar gate, where the dq/dk kernel also reads the states in fp32
+# for dg's chunk-end term <dh, h>, which then sees 16-bit states (a change of result; off unless measured).
+# H100 B=4 T=8192 H=16 D=128 bf16, no gate (ms, fwd / fwd+bwd): split with fp32 states 0.797 / 2.714, 16-bit states
+# 0.556 / 1.834, fused bv64 w4 0.256 / 1.537, + gradient tiles 128 x 128 1.365 (w4) / 1.382 (w8); scalar gate
+# 2.623 (w4) / 2.476 (w8) (BENCHMARKS.md).
+TUNING: dict[str, Any] = {
+    "fused_fwd": True,
+    "fused_min_programs": 64,
+    "fwd_bv": 64,
+    "fwd_warps": 4,
+    "fwd_stages": None,
+    "bwd_bk": 128,
+    "bwd_bv": 128,
+    "bwd_warps": 8,
+    "low_precision_states": True,
+    "gated_low_precision_states": False,
+}
+
+
+def _launch_opts(warps: int, stages: int | None) -> dict:
+    return {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
 
 
 def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
@@ -605,11 +711,21 @@ class _Layout:
         return self.cu_seqlens is not None
 
 
+def _state_dtype(x: torch.Tensor, g: torch.Tensor | None) -> torch.dtype:
+    """The chunk states' dtype in memory (``x``: flat ``[B*T, H, D]``; ``g`` flat too, 3-D for the vector gate): the
+    16-bit dot dtype where ``TUNING`` says so, else fp32 (the gated kernels also read the states for dg)."""
+    vector = g is not None and g.dim() == 3
+    wanted = TUNING["low_precision_states"] if g is None else TUNING["gated_low_precision_states"] and not vector
+    low = wanted and _dot_args(x.dtype, x.device)["DOT"] != tl.float32
+    return x.dtype if low else torch.float32
+
+
 def _states(a, b, g, h_in, layout: _Layout, scale: float, reverse: bool, store_out: bool):
-    """Launch ``_chunk_state_kernel``: ``(hs [chunks, H, K, V], h_out [N, H, K, V] or None)`` in fp32."""
+    """Launch ``_chunk_state_kernel``: ``(hs [chunks, H, K, V], h_out [N, H, K, V] fp32 or None)``; ``hs`` in
+    :func:`_state_dtype`."""
     _, heads, dk = a.shape
     dv = b.shape[-1]
-    hs = torch.empty(layout.chunks, heads, dk, dv, dtype=torch.float32, device=a.device)
+    hs = torch.empty(layout.chunks, heads, dk, dv, dtype=_state_dtype(a, g), device=a.device)
     h_out = torch.empty(layout.n, heads, dk, dv, dtype=torch.float32, device=a.device) if store_out else None
     bk, bv = _block(dk), _block(dv)
     grid = (layout.n * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))
@@ -666,6 +782,18 @@ def linear_attention_fwd(
     h0 = None if initial_state is None else initial_state.contiguous()
     o = torch.empty(batch, seq, heads, dv, dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        vector = g is not None and g.dim() == 4
+        fwd_bv = _block(dv, TUNING["fwd_bv"] if dk <= 128 else 32)
+        programs = layout.n * heads * triton.cdiv(dv, fwd_bv)
+        if not vector and TUNING["fused_fwd"] and programs >= TUNING["fused_min_programs"]:
+            ht = torch.empty(layout.n, heads, dk, dv, dtype=torch.float32, device=q.device)
+            _chunk_fwd_fused_kernel[(layout.n * heads, triton.cdiv(dv, fwd_bv))](
+                qf, kf, vf, gf, h0, o, ht, layout.cu_seqlens, seq, scale,
+                H=heads, K=dk, V=dv, BT=BT, KP=max(32, triton.next_power_of_2(dk)), BV=fwd_bv,
+                USE_G=g is not None, USE_H_IN=h0 is not None, STORE_H_OUT=True, IS_VARLEN=layout.varlen,
+                **_launch_opts(TUNING["fwd_warps"], TUNING["fwd_stages"]), **_dot_args(q.dtype, q.device),
+            )  # fmt: skip
+            return o, ht
         hs, ht = _states(kf, vf, gf, h0, layout, 1.0, reverse=False, store_out=True)
         if layout.chunks:
             bv = _block(dv)
@@ -673,7 +801,7 @@ def linear_attention_fwd(
             meta = {"H": heads, "K": dk, "V": dv, "BT": BT, "BK": _block(dk), "BV": bv}
             meta |= {"IS_VARLEN": layout.varlen, "num_warps": 4, **_dot_args(q.dtype, q.device)}
             grid = (layout.chunks * heads, triton.cdiv(dv, bv))
-            if g is not None and g.dim() == 4:
+            if vector:
                 _gla_fwd_o_kernel[grid](*args, **meta)
             else:
                 _chunk_fwd_o_kernel[grid](*args, USE_G=g is not None, **meta)
@@ -703,7 +831,10 @@ def linear_attention_bwd(
     bk, bv = _block(dk), _block(dv)
     nk = triton.cdiv(dk, bk)
     vec = g is not None and g.dim() == 4
-    dgk = torch.empty(nk, batch * seq, heads, dtype=torch.float32, device=q.device) if g is not None else None
+    # The plain / scalar-gate gradient kernels' grid tiles may be wide (TUNING); their inner loops keep 64.
+    bk_w, bv_w = _block(dk, TUNING["bwd_bk"]), _block(dv, TUNING["bwd_bv"])
+    nk_w = triton.cdiv(dk, bk_w)
+    dgk = torch.empty(nk_w, batch * seq, heads, dtype=torch.float32, device=q.device) if g is not None else None
     common = {"H": heads, "K": dk, "V": dv, "BT": BT, "BK": bk, "BV": bv}
     common |= {"IS_VARLEN": layout.varlen, "num_warps": 4, **_dot_args(q.dtype, q.device)}
     chunk_args = (layout.cu_seqlens, layout.chunk_indices, seq)
@@ -723,11 +854,13 @@ def linear_attention_bwd(
             return dq, dk_, dv_, dg, dh0
         common["USE_G"] = g is not None
         if layout.chunks:
-            _chunk_bwd_dqk_kernel[(layout.chunks * heads, nk)](
-                qf, kf, vf, gf, hs, dhs, dof, dq, dk_, dgk, *chunk_args, batch * seq, scale, **common
-            )
-            _chunk_bwd_dv_kernel[(layout.chunks * heads, triton.cdiv(dv, bv))](
-                qf, kf, gf, dhs, dof, dv_, *chunk_args, scale, **common
+            wide = {"num_warps": TUNING["bwd_warps"]}
+            _chunk_bwd_dqk_kernel[(layout.chunks * heads, nk_w)](
+                qf, kf, vf, gf, hs, dhs, dof, dq, dk_, dgk, *chunk_args, batch * seq, scale,
+                **(common | wide | {"BK": bk_w}),
+            )  # fmt: skip
+            _chunk_bwd_dv_kernel[(layout.chunks * heads, triton.cdiv(dv, bv_w))](
+                qf, kf, gf, dhs, dof, dv_, *chunk_args, scale, **(common | wide | {"BV": bv_w})
             )
     # dg per K block, each already summed from its chunk's end (see _chunk_bwd_dqk_kernel): add the blocks.
     dg = None if dgk is None else dgk.sum(0).view(g.shape)
