@@ -125,6 +125,10 @@ def test_bench_passes_only_the_given_options(
     assert calls == [("quant", {"numel": 4096, "backend": "reference"})]
     assert "TABLE 1 rows" in capsys.readouterr().out
     assert json.loads(out.read_text()) == [{"impl": "tilewise", "median_ms": 1.5}]
+    assert main(["bench", "mixers", "--seqlens", "256", "512"]) == 0
+    assert calls[-1] == ("mixers", {"seqlens": [256, 512]})
+    with pytest.raises(SystemExit, match="--seqlens is an option of the mixers suite"):
+        main(["bench", "quant", "--seqlens", "256"])
 
 
 def test_plan_prints_the_breakdown(capsys) -> None:

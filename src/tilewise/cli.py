@@ -72,6 +72,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tilewise.bench import format_table, run_suite
 
     options = {"numel": args.numel, "repeats": args.repeats, "device": args.device, "backend": args.backend}
+    if args.seqlens is not None:
+        if args.suite != "mixers":
+            raise SystemExit(f"tilewise bench: error: --seqlens is an option of the mixers suite, not {args.suite}")
+        options["seqlens"] = args.seqlens
     rows = run_suite(args.suite, **{key: value for key, value in options.items() if value is not None})
     print(format_table(rows))
     _write_json(args.json, rows)
@@ -141,6 +145,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device, e.g. cuda or cpu (default: the suite's, cuda when present)")
     p.add_argument(
         "--backend", choices=["auto", "triton", "reference"], help="tilewise's implementation (default: the suite's)"
+    )
+    p.add_argument(
+        "--seqlens",
+        type=_positive_int,
+        nargs="+",
+        metavar="T",
+        help="mixers only: sequence lengths (default: 2K 8K 32K)",
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the rows to this JSON file")
     p.set_defaults(handler=_cmd_bench)
