@@ -1,18 +1,19 @@
 """tilewise.ops.block_sparse_attention: the dense masked reference against SDPA and a token-by-token loop, the
-Triton kernels against the reference (forward and gradients, under the interpreter on CPU), the block selector,
-and the errors."""
+Triton kernels against the reference (forward and gradients, under the interpreter on CPU), the block selector
+(its Triton block-mass kernel against the reference), and the errors."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
 import pytest
 import torch
 
-from tilewise._testing import assert_close, assert_rel_rms, poison_
+from tilewise._testing import assert_close, assert_exact, assert_rel_rms, poison_
 from tilewise.ops import block_sparse_attention, select_blocks
-from tilewise.ops.block_sparse_attention.reference import causal_block_mask
+from tilewise.ops.block_sparse_attention.reference import block_mass_ref, causal_block_mask
 
 
 def qkv(batch: int, heads: int, seq: int, dim: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -209,6 +210,171 @@ def test_selector_antidiagonal_logits_match_the_loop():
     assert_close(got[0, 0], want, torch.float32)
 
 
+# --- selector: the Triton block-mass kernel ---------------------------------------------------------------------
+
+# Relative RMS error of the kernel's block mass against block_mass_ref, for fp32 and bf16 inputs alike. Both sides
+# compute in fp32 from the same values: bf16 -> fp32 is exact, and so is a product of two bf16 numbers in fp32
+# (8 + 8 significant bits <= 24), so the kernel's bf16 dots with fp32 accumulation (and the interpreter's fp32
+# dots) differ from the reference's fp32 matmul only in the order of the fp32 sums (S dots of D terms vs one of
+# S * D; online vs two-pass softmax; the block pooling). Each probability then moves by about its logit's absolute
+# rounding error, ~1e-7 at these O(1) logits (measured: max |error| <= 2e-7 on masses ~0.1): 1e-5 leaves room.
+MASS_REL = 1e-5
+
+
+def mass_inputs(batch, heads, seq, dim, dtype, device, contiguous=True):
+    """q, k ``[B, H, T, D]``; non-contiguous ones are ``[B, T, H, D]`` views, as a model produces them, with k
+    sliced out of a wider tensor so that q and k have different strides."""
+    if contiguous:
+        return [torch.randn(batch, heads, seq, dim, device=device).to(dtype) for _ in range(2)]
+    q = torch.randn(batch, seq, heads, dim, device=device).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, seq, heads, 2 * dim, device=device).to(dtype)[..., 1::2].transpose(1, 2)
+    return [q, k]
+
+
+def block_mass_triton(*args, **kwargs):
+    from tilewise.ops.block_sparse_attention.triton import block_mass_triton
+
+    return block_mass_triton(*args, **kwargs)
+
+
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize(
+    ("seq", "dim", "block_size", "stride", "tiles", "contiguous"),
+    [
+        (1, 32, 32, 4, None, True),
+        (63, 64, 32, 8, None, False),
+        (64, 32, 64, 8, None, True),
+        (200, 100, 32, 4, None, False),  # D = 100 padded to 128 (the kernel's masks; select_blocks takes 32/64/128)
+        (257, 64, 64, 8, (64, 32), True),  # BM != BN (the GPU's fp32 tiles): key tiles half as wide
+        (257, 32, 64, 4, (32, 64), False),
+        (100, 32, 64, 1, None, True),  # 64 strided rows a block: a block spans two 32-row tiles (partial sums)
+        (70, 32, 16, 16, None, True),  # one strided row a block
+        (130, 64, 64, 8, (128, 64), True),  # the GPU's tiles for 16-bit inputs (fp32: 64 x 32, above)
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_block_mass_matches_reference(seq, dim, block_size, stride, tiles, contiguous, dtype, device):
+    q, k = mass_inputs(2, 2, seq, dim, dtype, device, contiguous)
+    assert q.is_contiguous() == contiguous
+    got = block_mass_triton(q, k, block_size, stride, 0.3, tiles)
+    want = block_mass_ref(q, k, block_size, stride, 0.3)
+    assert got.dtype == torch.float32
+    assert_rel_rms(got, want, MASS_REL, floor=1e-7)
+    nb = -(-seq // block_size)
+    # Every query block has a real row, so each row of mass sums to 1 over its causal blocks; above them, exact 0.
+    assert_close(got.sum(-1), torch.ones(2, 2, nb, device=device), torch.float32)
+    above = ~causal_block_mask(nb, device)
+    assert_exact(got.masked_select(above), torch.zeros(int(above.sum()) * 4, device=device))
+
+
+def banded_qk(batch, heads, seq, dim, block_size, device):
+    """Query block ``i`` attends to key blocks ``i, i-1, i-2`` with logits 8, 7.5 and 6.5 (0 elsewhere) under the
+    default scale, plus a little noise. Blocks ``i, i-1, i-2`` then hold ~37%, ~45% and ~17% of a row's mass (the
+    diagonal less than its logit says: causality hides most of it from a block's first rows), the rest ~1%, so every
+    threshold's cut lies between well-separated masses. k is the one-hot of the block: ``NB <= dim - 2``."""
+    blk = torch.arange(seq) // block_size
+    eye = torch.eye(dim)
+    q = sum(w * eye[blk - i] * (blk >= i)[:, None] for i, w in enumerate((8.0, 7.5, 6.5))) * dim**0.5
+    q, k = (x + 0.01 * torch.randn(batch, heads, seq, dim) for x in (q, eye[blk]))
+    return q.to(device), k.to(device)
+
+
+def cut_margin(mass, threshold):
+    """How far ``mass`` is from a selection that rounding could flip: the smallest distance, over rows, between
+    ``threshold`` and a causal block's mass-before (in sorted order), or between the masses either side of a row's
+    cut (near-ties there could swap which of them is kept)."""
+    nb = mass.shape[-1]
+    causal = causal_block_mask(nb, mass.device)
+    v = torch.sort(mass.masked_fill(~causal, -1.0), dim=-1, descending=True).values
+    n_causal = torch.arange(1, nb + 1, device=mass.device)[:, None]  # row i has i + 1 causal blocks
+    in_row = torch.arange(nb, device=mass.device)[None, :] < n_causal
+    before = torch.cumsum(v.clamp_min(0), -1) - v.clamp_min(0)
+    margin = (before - threshold).abs().masked_fill(~in_row, math.inf).amin()
+    gap = (v[..., :-1] - v[..., 1:]).masked_fill(~in_row[:, 1:], math.inf)
+    cut = (before < threshold) & in_row  # kept before the forced blocks
+    at_cut = cut[..., :-1] & ~cut[..., 1:]
+    return min(float(margin), float(gap.masked_fill(~at_cut, math.inf).amin()))
+
+
+def assert_same_selection(q, k, block_size, stride, threshold):
+    """select_blocks with Triton equals the reference, on inputs whose selection is far from a flip."""
+    mass = block_mass_ref(q, k, block_size, stride, q.shape[-1] ** -0.5)
+    # A precondition, not the claim: the reference's selection is 1e-2 from flipping; the kernel is ~1e-7 off.
+    assert cut_margin(mass, threshold) > 1e-2
+    args = {"block_size": block_size, "stride": stride, "threshold": threshold}
+    want = select_blocks(q, k, **args, backend="reference")
+    assert_exact(select_blocks(q, k, **args, backend="triton"), want)
+    # Neither only the forced blocks (diagonal and sink) nor every causal block.
+    nb, rows = want.shape[-1], want.shape[0] * want.shape[1]
+    assert rows * (2 * nb - 1) < int(want.sum()) < rows * nb * (nb + 1) // 2
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("seq", "block_size", "stride", "threshold"), [(256, 32, 8, 0.7), (256, 32, 8, 0.95),
+                                                                        (200, 16, 4, 0.95)])  # fmt: skip
+def test_triton_select_blocks_matches_reference(seq, block_size, stride, threshold, device):
+    assert_same_selection(*banded_qk(1, 2, seq, 32, block_size, device), block_size, stride, threshold)
+
+
+@pytest.mark.interpret
+def test_triton_block_mass_opcheck(device):
+    from tilewise.ops.block_sparse_attention.triton import _mass_op
+
+    q, k = mass_inputs(1, 2, 70, 32, torch.float32, device, contiguous=False)
+    torch.library.opcheck(_mass_op, (q, k, 32, 8, 0.25))
+
+
+@pytest.mark.interpret
+def test_select_blocks_backend_dispatch(monkeypatch, device):
+    """Which mass select_blocks computes: the Triton entry point is replaced by one that raises, so a call shows
+    whether it was reached. ``auto`` takes the reference for CPU tensors (even with the interpreter on) and Triton
+    for CUDA tensors."""
+    # import_module: the attribute tilewise.ops.block_sparse_attention is the function, not the package.
+    bsa_triton = importlib.import_module("tilewise.ops.block_sparse_attention.triton")
+
+    def reached(*args):
+        raise LookupError("the Triton block mass ran")
+
+    monkeypatch.setattr(bsa_triton, "select_blocks_mass_triton", reached)
+    monkeypatch.delenv("TILEWISE_BACKEND", raising=False)
+    q, k = (t.detach().to(device) for t in qkv(1, 2, 64, 32)[:2])
+    want = select_blocks(q, k, block_size=16, stride=4, threshold=0.5, backend="reference")
+    if device == "cpu":
+        assert torch.equal(select_blocks(q, k, block_size=16, stride=4, threshold=0.5), want)
+    else:
+        with pytest.raises(LookupError):
+            select_blocks(q, k)
+    with pytest.raises(LookupError):
+        select_blocks(q, k, backend="triton")
+    monkeypatch.setenv("TILEWISE_BACKEND", "triton")
+    with pytest.raises(LookupError):
+        select_blocks(q, k)
+    assert torch.equal(select_blocks(q, k, block_size=16, stride=4, threshold=0.5, backend="reference"), want)
+    monkeypatch.setenv("TILEWISE_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="TILEWISE_BACKEND"):
+        select_blocks(q, k)
+    monkeypatch.setenv("TILEWISE_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CPU tensor"):
+        select_blocks(q.cpu(), k.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("block_size", "stride"), [(64, 8), (128, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_block_mass_gpu(block_size, stride, dtype):
+    q, k = mass_inputs(1, 4, 4096, 128, dtype, "cuda", contiguous=False)
+    got = block_mass_triton(q, k, block_size, stride, 128**-0.5)
+    want = block_mass_ref(q, k, block_size, stride, 128**-0.5)
+    # As MASS_REL: fp16 products are exact in fp32 too (11 + 11 bits); tensor cores sum in fp32, in their own order.
+    assert_rel_rms(got, want, MASS_REL, floor=1e-7)
+    assert_close(got.sum(-1), torch.ones(1, 4, 4096 // block_size, device="cuda"), torch.float32)
+    for threshold in (0.7, 0.95):
+        q, k = (t.to(dtype) for t in banded_qk(1, 4, 4096, 128, block_size, "cuda"))
+        assert_same_selection(q, k, block_size, stride, threshold)
+
+
 # --- errors -------------------------------------------------------------------------------------------------------
 
 
@@ -241,6 +407,8 @@ def test_errors():
         select_blocks(q, k, block_size=16, stride=32)
     with pytest.raises(ValueError, match="stride"):
         select_blocks(q, k, stride=3)
+    with pytest.raises(ValueError, match="not a backend"):
+        select_blocks(q, k, backend="gpu")
 
 
 def test_block_mask_broadcasts_over_batch_and_heads():

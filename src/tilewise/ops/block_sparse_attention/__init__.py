@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 
 from tilewise._backend import resolve_backend
-from tilewise.ops.block_sparse_attention.reference import block_sparse_attention_ref, select_blocks_ref
+from tilewise.ops.block_sparse_attention.reference import (
+    _keep_top_mass,
+    block_mass_ref,
+    block_sparse_attention_ref,
+)
 
 __all__ = ["HEAD_DIMS", "block_sparse_attention", "select_blocks"]
 
@@ -133,12 +137,14 @@ def select_blocks(
     stride: int = 8,
     threshold: float = 0.9,
     scale: float | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """XAttention-style block mask: the causal key blocks holding ``threshold`` of each query block's estimated
     attention mass.
 
-    Attention mass is estimated from antidiagonal sums of the logits in ``stride x stride`` tiles (one matmul of
-    strided reshapes of q and k, ``T / stride`` long), softmaxed per row and summed per block (README.md).
+    Attention mass is estimated from antidiagonal sums of the logits in ``stride x stride`` tiles (``T / stride``
+    strided rows and columns), softmaxed causally per row and summed per block (README.md); each row then keeps its
+    heaviest blocks until their mass reaches ``threshold``.
 
     Args:
         q, k: ``[B, H, T, D]``, as for :func:`block_sparse_attention` (math in fp32).
@@ -146,10 +152,18 @@ def select_blocks(
         stride: antidiagonal sampling stride, a power of two dividing ``block_size``; default 8.
         threshold: in ``(0, 1]``; 1.0 keeps every causal block. Default 0.9.
         scale: multiplies ``q . k``; default ``D ** -0.5``.
+        backend: ``"auto"`` (Triton for CUDA tensors when Triton imports, else the PyTorch reference),
+            ``"triton"`` (one fused kernel computes the block mass without storing the logits) or
+            ``"reference"``; ``TILEWISE_BACKEND`` overrides ``"auto"``. Both rank the mass the same way.
 
     Returns:
         bool ``[B, H, NB, NB]``, ``NB = ceil(T / block_size)``: causal, the diagonal and block 0 always kept.
         Not differentiable (a selection).
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: a shape, dtype, device or value does not fit (the message names the argument).
+        RuntimeError: ``backend="triton"`` cannot run here.
     """
     _check_qkv(q, k, None)
     block_size = _check_block_size(block_size)
@@ -161,4 +175,10 @@ def select_blocks(
         raise ValueError(f"threshold must be a number in (0, 1] (e.g. 0.9), got {threshold!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     with torch.no_grad():
-        return select_blocks_ref(q, k, block_size, stride, float(threshold), scale)
+        if resolve_backend(backend, q, k) == "reference":
+            mass = block_mass_ref(q, k, block_size, stride, scale)
+        else:
+            from tilewise.ops.block_sparse_attention.triton import select_blocks_mass_triton
+
+            mass = select_blocks_mass_triton(q, k, block_size, stride, scale)
+        return _keep_top_mass(mass, float(threshold))

@@ -3,8 +3,9 @@ XAttention-style block selector (math in README.md).
 
 - :func:`block_sparse_attention_ref`: dense masked attention. The block mask is expanded to a token mask, combined
   with the causal mask, and the softmax runs in fp32 over the kept keys only. Differentiable through torch ops.
-- :func:`select_blocks_ref`: scores every (query block, key block) pair from strided antidiagonal sums of
-  ``q k^T`` and keeps the most probable blocks of each row until their mass reaches ``threshold``.
+- :func:`block_mass_ref`: scores every (query block, key block) pair from strided antidiagonal sums of ``q k^T``
+  (softmaxed per strided row, pooled per block); :func:`select_blocks_ref` keeps the most probable blocks of each
+  row until their mass reaches ``threshold`` (``_keep_top_mass``, shared with the Triton path).
 
 Both take validated arguments (see ``tilewise.ops.block_sparse_attention``): ``q, k, v [B, H, T, D]``,
 ``block_mask`` bool ``[B, H, NB, NB]`` with ``NB = ceil(T / block_size)``.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_sparse_attention_ref", "causal_block_mask", "select_blocks_ref", "token_mask"]
+__all__ = ["block_mass_ref", "block_sparse_attention_ref", "causal_block_mask", "select_blocks_ref", "token_mask"]
 
 
 def causal_block_mask(n_blocks: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -48,11 +49,11 @@ def _antidiagonal_logits(q: torch.Tensor, k: torch.Tensor, stride: int, scale: f
     return torch.matmul(qr, kr.transpose(-1, -2)) * (scale / stride)
 
 
-def select_blocks_ref(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, threshold: float, scale: float
-) -> torch.Tensor:
-    """bool ``[B, H, NB, NB]``: per query block, the fewest causal key blocks whose estimated attention mass reaches
-    ``threshold``, plus the diagonal and the first (sink) block. ``block_size % stride == 0``."""
+def block_mass_ref(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, scale: float) -> torch.Tensor:
+    """fp32 ``[B, H, NB, NB]``: the estimated attention mass of each (query block, key block) pair, what
+    :func:`select_blocks_ref` ranks. The antidiagonal logits are softmaxed causally per strided row and summed per
+    block pair, averaged over the block's real (non-padding) strided rows: each query block's row sums to 1 over its
+    causal blocks, and blocks above the diagonal hold 0. ``block_size % stride == 0``."""
     batch, heads, seq, _ = q.shape
     nb = -(-seq // block_size)
     pad = nb * block_size - seq
@@ -68,8 +69,16 @@ def select_blocks_ref(
     real = (o_r * stride < seq).float()
     per = block_size // stride
     mass = (probs * real[:, None]).view(batch, heads, nb, per, nb, per).sum(dim=(3, 5))
-    mass = mass / real.view(nb, per).sum(-1).clamp_min(1)[:, None]
-    return _keep_top_mass(mass, threshold)
+    return mass / real.view(nb, per).sum(-1).clamp_min(1)[:, None]
+
+
+def select_blocks_ref(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, threshold: float, scale: float
+) -> torch.Tensor:
+    """bool ``[B, H, NB, NB]``: per query block, the fewest causal key blocks whose estimated attention mass
+    (:func:`block_mass_ref`) reaches ``threshold``, plus the diagonal and the first (sink) block.
+    ``block_size % stride == 0``."""
+    return _keep_top_mass(block_mass_ref(q, k, block_size, stride, scale), threshold)
 
 
 def _keep_top_mass(mass: torch.Tensor, threshold: float) -> torch.Tensor:

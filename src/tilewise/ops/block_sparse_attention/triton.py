@@ -16,6 +16,12 @@ Kernels, one program per ``(block, b * H + h)``:
 The causal mask is applied in the diagonal block only: kept off-diagonal blocks are fully visible, and only the
 diagonal block can hold keys past ``T``. The autograd pair is registered with ``torch.library``
 (``tilewise::block_sparse_attention`` and its ``_bwd``).
+
+The selector's block mass (``select_blocks``) has its own kernel, ``_block_mass_kernel``, one program per
+``(tile of BM strided query rows, b * H + h)``: the antidiagonal logits of a ``[BM, BN]`` tile are ``S`` dots of
+``[BM, D]`` query rows by ``[BN, D]`` key rows, recomputed in two passes over the causal key tiles (row max and sum
+of exp, then the probabilities pooled per block pair), so the ``[T/S, T/S]`` logits are never stored. Registered as
+``tilewise::select_blocks_mass``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_lists", "block_sparse_attention_bwd", "block_sparse_attention_fwd", "block_sparse_attention_triton"]
+__all__ = [
+    "block_lists",
+    "block_mass_triton",
+    "block_sparse_attention_bwd",
+    "block_sparse_attention_fwd",
+    "block_sparse_attention_triton",
+    "select_blocks_mass_triton",
+]
 
 LOG2E = 1.4426950408889634
 
@@ -164,6 +177,80 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, kv_idx, kv_cnt, T, NB, scale, qk
     _store_rows(dq, base, o_t, T, b_dq * scale, D)
 
 
+@triton.jit
+def _strided_rows(x, base, o_r, i, T, s_t, s_d, D: tl.constexpr, S: tl.constexpr, BD: tl.constexpr,
+                  DOT: tl.constexpr):  # fmt: skip
+    """``[len(o_r), BD]`` tokens ``S * o_r + i`` of one ``(b, h)`` slice of a strided ``[B, H, T, D]`` tensor (zeros
+    past ``T`` and ``D``) as ``DOT``."""
+    o_t = S * o_r + i
+    o_d = tl.arange(0, BD)
+    p_x = x + base + o_t.to(tl.int64)[:, None] * s_t + o_d[None, :] * s_d
+    return tl.load(p_x, mask=(o_t < T)[:, None] & (o_d < D)[None, :], other=0.0).to(DOT)
+
+
+@triton.jit
+def _antidiagonal_tile(q, k, q_base, k_base, o_i, o_j, T, sq_t, sq_d, sk_t, sk_d, qk_scale, D: tl.constexpr,
+                       S: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
+                       PREC: tl.constexpr):  # fmt: skip
+    """``[BM, BN]`` fp32 antidiagonal logits (base 2) of strided rows ``o_i`` and columns ``o_j``:
+    ``qk_scale Σ_{i<S} q_{S a + S-1-i} · k_{S b + i}``, ``-inf`` where ``b > a``. No mask for all-padding columns
+    is needed: a real row ``a`` sees only ``b <= a``, real too, and padding rows weigh 0."""
+    b_s = tl.zeros([BM, BN], dtype=tl.float32)
+    for i in range(S):
+        b_q = _strided_rows(q, q_base, o_i, S - 1 - i, T, sq_t, sq_d, D, S, BD, DOT)
+        b_k = _strided_rows(k, k_base, o_j, i, T, sk_t, sk_d, D, S, BD, DOT)
+        b_s = tl.dot(b_q, tl.trans(b_k), b_s, input_precision=PREC)
+    return tl.where(o_j[None, :] <= o_i[:, None], b_s * qk_scale, float("-inf"))
+
+
+@triton.jit
+def _block_mass_kernel(q, k, mass, T, H, NR, NC, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, qk_scale,
+                       D: tl.constexpr, S: tl.constexpr, PER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       GM: tl.constexpr, GN: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
+                       PREC: tl.constexpr):  # fmt: skip
+    """One ``[BM]`` tile of strided query rows: pass 1, the online row max and sum of ``exp2`` over the causal key
+    tiles; pass 2, the probabilities recomputed and summed into ``[BM / GM, BN / GN]`` tiles of ``mass`` (groups of
+    ``GM`` rows and ``GN`` columns; ``GM = GN = PER`` strided rows a block unless a block spans several tiles), each
+    row weighted by ``1 / (real rows of its block)``, padding rows by 0. Key tiles above the diagonal store zeros."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    q_base = i_b.to(tl.int64) * sq_b + i_h.to(tl.int64) * sq_h
+    k_base = i_b.to(tl.int64) * sk_b + i_h.to(tl.int64) * sk_h
+    # Strided rows (and columns) holding a real token; the rest of the NB * PER are padding.
+    n_real = tl.cdiv(T, S)
+    o_i = i_m * BM + tl.arange(0, BM)
+    # Key tiles with a visible column for some row of this tile (column 0 is visible to every row, so each row's
+    # max is finite after the first tile); none when every row is padding.
+    n_tiles = tl.where(i_m * BM < n_real, tl.cdiv(tl.minimum(i_m * BM + BM, n_real), BN), 0)
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    for i_n in range(0, n_tiles):
+        o_j = i_n * BN + tl.arange(0, BN)
+        b_s = _antidiagonal_tile(q, k, q_base, k_base, o_i, o_j, T, sq_t, sq_d, sk_t, sk_d, qk_scale, D, S,
+                                 BM, BN, BD, DOT, PREC)  # fmt: skip
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_l = b_l * tl.exp2(b_m - b_m_new) + tl.sum(tl.exp2(b_s - b_m_new[:, None]), 1)
+        b_m = b_m_new
+    # A block's mass is the mean over its real rows: weigh each real row by 1 / (count * its sum of exp).
+    m_real = o_i < n_real
+    b_cnt = tl.minimum(PER, n_real - (o_i // PER) * PER).to(tl.float32)
+    b_w = tl.where(m_real, 1.0 / (tl.where(m_real, b_cnt * b_l, 1.0)), 0.0)
+    o_r = i_m * (BM // GM) + tl.arange(0, BM // GM)
+    p_row = mass + i_bh.to(tl.int64) * NR * NC + o_r[:, None].to(tl.int64) * NC
+    for i_n in range(0, n_tiles):
+        o_j = i_n * BN + tl.arange(0, BN)
+        b_s = _antidiagonal_tile(q, k, q_base, k_base, o_i, o_j, T, sq_t, sq_d, sk_t, sk_d, qk_scale, D, S,
+                                 BM, BN, BD, DOT, PREC)  # fmt: skip
+        b_p = tl.exp2(b_s - b_m[:, None]) * b_w[:, None]
+        b_mass = tl.sum(tl.sum(tl.reshape(b_p, [BM // GM, GM, BN // GN, GN]), 3), 1)
+        o_c = i_n * (BN // GN) + tl.arange(0, BN // GN)
+        tl.store(p_row + o_c[None, :], b_mass, mask=(o_r < NR)[:, None] & (o_c < NC)[None, :])
+    for i_n in range(n_tiles, tl.cdiv(NC * GN, BN)):
+        o_c = i_n * (BN // GN) + tl.arange(0, BN // GN)
+        b_zero = tl.zeros([BM // GM, BN // GN], dtype=tl.float32)
+        tl.store(p_row + o_c[None, :], b_zero, mask=(o_r < NR)[:, None] & (o_c < NC)[None, :])
+
+
 def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
     """Operand dtype and precision of ``tl.dot``: the input dtype on a GPU (fp32 as IEEE fp32, not TF32); fp32 in
     the interpreter, whose bf16 dot multiplies bit patterns as integers (as in linear_attention)."""
@@ -217,6 +304,53 @@ def block_sparse_attention_bwd(q, k, v, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt
     _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, seq, nb, scale, scale * LOG2E, **common)
     _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, kv_idx, kv_cnt, seq, nb, scale, scale * LOG2E, **common)
     return dq, dk, dv
+
+
+def _mass_config(q: torch.Tensor) -> dict:
+    """Tiles (``BM`` strided rows x ``BN`` columns) and launch options of the block-mass kernel, chosen from sm_90
+    and sm_80 ahead-of-time compiles (``ptxas -v``); not swept on a GPU (H100, B=1 H=16 T=32768 D=128 bf16, block 64,
+    stride 8: 3.76 ms, the PyTorch reference 17.3 ms). 16-bit inputs: 128 x 64, 8 warps (wgmma, cp.async
+    pipelined over 3 stages, 144 KiB shared memory, no spills at D = 128). fp32 (FMA dots): 64 x 32, 4 warps, 2 stages
+    (48 KiB; 128 x 64 takes 192 KiB, more than an A100 has). 32 x 32 in the interpreter, where small tiles are faster
+    and cross more tile edges. Never below 32: 16-wide 16-bit dots were wrong on an H100 (see the attention kernels)."""
+    if q.device.type != "cuda":
+        return {"BM": 32, "BN": 32}
+    if q.dtype == torch.float32:
+        return {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2}
+    return {"BM": 128, "BN": 64, "num_warps": 8}
+
+
+def block_mass_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    stride: int,
+    scale: float,
+    tiles: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """fp32 ``[B, H, NB, NB]`` block mass of :func:`select_blocks` with the fused kernel, equal (up to rounding) to
+    ``reference.block_mass_ref``. ``q, k [B, H, T, D]`` any strides, ``block_size % stride == 0``; ``tiles``
+    overrides ``(BM, BN)``, powers of two >= 32 (tests). When a block spans several tiles (``block_size / stride``
+    above ``BM`` or ``BN``) the kernel writes partial sums per tile and they are added here. No autograd."""
+    batch, heads, seq, dim = q.shape
+    nb = -(-seq // block_size)
+    per = block_size // stride
+    cfg = _mass_config(q)
+    if tiles:
+        cfg["BM"], cfg["BN"] = tiles
+    gm, gn = min(per, cfg["BM"]), min(per, cfg["BN"])
+    n = nb * per
+    out = torch.empty(batch, heads, n // gm, n // gn, dtype=torch.float32, device=q.device)
+    if out.numel():
+        grid = (triton.cdiv(n, cfg["BM"]), batch * heads)
+        _block_mass_kernel[grid](
+            q, k, out, seq, heads, n // gm, n // gn, *q.stride(), *k.stride(), scale / stride * LOG2E, D=dim,
+            S=stride, PER=per, GM=gm, GN=gn, BD=max(32, triton.next_power_of_2(dim)), **cfg,
+            **_dot_args(q.dtype, q.device),
+        )  # fmt: skip
+    if gm == per and gn == per:
+        return out
+    return out.view(batch, heads, nb, per // gm, nb, per // gn).sum(dim=(3, 5))
 
 
 @torch.library.custom_op("tilewise::block_sparse_attention", mutates_args=())
@@ -290,3 +424,20 @@ def block_sparse_attention_triton(
     lists = block_lists(block_mask)
     o, _ = _bsa_op(q.contiguous(), k.contiguous(), v.contiguous(), *lists, int(block_size), float(scale))
     return o
+
+
+@torch.library.custom_op("tilewise::select_blocks_mass", mutates_args=())
+def _mass_op(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, scale: float) -> torch.Tensor:
+    """The block mass of :func:`select_blocks` with the Triton kernel (see :func:`block_mass_triton`)."""
+    return block_mass_triton(q, k, block_size, stride, scale)
+
+
+@_mass_op.register_fake
+def _(q, k, block_size, stride, scale):
+    nb = -(-q.shape[-2] // block_size)
+    return q.new_empty(*q.shape[:2], nb, nb, dtype=torch.float32)
+
+
+def select_blocks_mass_triton(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, scale: float):
+    """Validated arguments in, fp32 block mass ``[B, H, NB, NB]`` out (no gradient: a selection's input)."""
+    return _mass_op(q, k, int(block_size), int(stride), float(scale))
