@@ -13,7 +13,9 @@
    forward vs the state + output kernels, its V tile and warps, 16-bit vs fp32 chunk states, the gradient kernels'
    tile widths and warps) at the first ``--seqlens`` value, no gate and scalar gate, and prints one row per variant.
 
-Options: ``--skip-check``, ``--skip-time``, ``--sweep``, ``--seqlens 2048 8192``, ``--no-peers``.
+Options: ``--skip-check``, ``--skip-time``, ``--sweep``, ``--seqlens 2048 8192``, ``--no-peers``,
+``--tuning KEY=VALUE ...`` (Python literals; change ``TUNING`` for the whole run, e.g.
+``gated_low_precision_states=False``).
 """
 
 from __future__ import annotations
@@ -215,7 +217,19 @@ def main() -> int:
     parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--sweep", action="store_true", help="time the launch choices at the first --seqlens value")
     parser.add_argument("--no-peers", action="store_true", help="leave out fla (its autotuning takes minutes)")
+    parser.add_argument("--tuning", nargs="+", default=[], metavar="KEY=VALUE", help="TUNING changes for the run")
     args = parser.parse_args()
+    if args.tuning:
+        import ast
+
+        from tilewise.ops.linear_attention import triton as la_triton
+
+        for item in args.tuning:
+            key, _, value = item.partition("=")
+            if key not in la_triton.TUNING:
+                parser.error(f"unknown TUNING key {key!r}; known: {sorted(la_triton.TUNING)}")
+            la_triton.TUNING[key] = ast.literal_eval(value)
+        print("TUNING", la_triton.TUNING)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2

@@ -562,7 +562,9 @@ def test_triton_launch_paths_gpu(gate: str | None, path: str, tuning: dict) -> N
     if path == "fused":
         tuning.update(fused_fwd=True, fused_min_programs=1, bwd_bk=128, bwd_bv=128)
     elif path == "split":
-        tuning.update(fused_fwd=False, bwd_bk=64, bwd_bv=64, low_precision_states=False)
+        tuning.update(
+            fused_fwd=False, bwd_bk=64, bwd_bv=64, low_precision_states=False, gated_low_precision_states=False
+        )
     else:
         tuning.update(gated_low_precision_states=True)
     inputs = make_inputs(2, 2048 + 17, 4, 128, 128, gate, torch.bfloat16, "cuda")
