@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import OutOfResources
 
 __all__ = [
     "block_lists",
@@ -288,7 +289,8 @@ def block_sparse_attention_fwd(q, k, v, kv_idx, kv_cnt, block_size: int, scale: 
     nb = kv_cnt.shape[-1]
     if o.numel():
         grid = (nb, batch * heads)
-        _fwd_kernel[grid](q, k, v, o, lse, kv_idx, kv_cnt, seq, nb, scale * LOG2E, **_launch_args(q, block_size))
+        args = (q, k, v, o, lse, kv_idx, kv_cnt, seq, nb, scale * LOG2E)
+        _launch_fitting(_fwd_kernel, grid, args, _launch_args(q, block_size))
     return o, lse
 
 
@@ -301,9 +303,33 @@ def block_sparse_attention_bwd(q, k, v, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt
     delta = (o.float() * do.float()).sum(-1).contiguous()
     nb = kv_cnt.shape[-1]
     grid, common = (nb, batch * heads), _launch_args(q, block_size)
-    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, seq, nb, scale, scale * LOG2E, **common)
-    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, kv_idx, kv_cnt, seq, nb, scale, scale * LOG2E, **common)
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, seq, nb, scale, scale * LOG2E)
+    _launch_fitting(_bwd_dkdv_kernel, grid, dkdv_args, common)
+    dq_args = (q, k, v, do, lse, delta, dq, kv_idx, kv_cnt, seq, nb, scale, scale * LOG2E)
+    _launch_fitting(_bwd_dq_kernel, grid, dq_args, common)
     return dq, dk, dv
+
+
+# (kernel name, launch options) -> the pipeline depth that fitted the GPU's shared memory.
+_STAGES: dict[tuple, int | None] = {}
+
+
+def _launch_fitting(kernel, grid, args, options: dict) -> None:
+    """Launch with Triton's default software pipelining, or, where that does not fit the GPU's shared memory (the
+    gradient kernels at block 128 with D = 128 asked for 296 KB on an H100, which has 227 KB), with 2 and then 1
+    stage; the depth that fitted is remembered per kernel and options."""
+    key = (kernel.fn.__name__, *sorted(options.items(), key=lambda kv: kv[0]))
+    tries = [_STAGES[key]] if key in _STAGES else [None, 2, 1]
+    for i, stages in enumerate(tries):
+        extra = {} if stages is None else {"num_stages": stages}
+        try:
+            kernel[grid](*args, **options, **extra)
+        except OutOfResources:
+            if i == len(tries) - 1:
+                raise
+            continue
+        _STAGES[key] = stages
+        return
 
 
 def _mass_config(q: torch.Tensor) -> dict:
