@@ -832,8 +832,11 @@ def linear_attention_bwd(
     bk, bv = _block(dk), _block(dv)
     nk = triton.cdiv(dk, bk)
     vec = g is not None and g.dim() == 4
-    # The plain / scalar-gate gradient kernels' grid tiles may be wide (TUNING); their inner loops keep 64.
-    bk_w, bv_w = _block(dk, TUNING["bwd_bk"]), _block(dv, TUNING["bwd_bv"])
+    # The plain / scalar-gate gradient kernels' grid tiles may be wide (TUNING) for 16-bit inputs; their inner
+    # loops keep 64. fp32 keeps 64: its IEEE dots at 128 asked 256 KB of shared memory on an H100 (227 KB there).
+    wide_ok = q.dtype != torch.float32
+    bk_w = _block(dk, TUNING["bwd_bk"] if wide_ok else 64)
+    bv_w = _block(dv, TUNING["bwd_bv"] if wide_ok else 64)
     nk_w = triton.cdiv(dk, bk_w)
     dgk = torch.empty(nk_w, batch * seq, heads, dtype=torch.float32, device=q.device) if g is not None else None
     common = {"H": heads, "K": dk, "V": dv, "BT": BT, "BK": bk, "BV": bv}
