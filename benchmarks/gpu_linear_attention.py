@@ -39,6 +39,7 @@ def _inputs(batch, seq, heads, dk, dv, gate, dtype, n_states=None):
         None: None,
         "head": -torch.rand(heads, device="cuda") * 0.1,
         "scalar": torch.nn.functional.logsigmoid(torch.randn(batch, seq, heads, device="cuda") + 4.0),
+        "vector": torch.nn.functional.logsigmoid(torch.randn(batch, seq, heads, dk, device="cuda") + 4.0),
     }[gate]
     h0 = torch.randn(batch if n_states is None else n_states, heads, dk, dv, device="cuda")
     return [t if t is None else t.requires_grad_() for t in (q, k, v, g, h0)]
@@ -108,6 +109,12 @@ def _peers():
     except Exception as e:  # a missing or broken install is reported, not fatal
         out["fla chunk_linear_attn"] = f"missing ({type(e).__name__}: {e})"
     try:
+        from fla.ops.gla import chunk_gla
+
+        out["fla chunk_gla (vector gate)"] = lambda q, k, v, g: chunk_gla(q, k, v, g=g)[0]
+    except Exception as e:
+        out["fla chunk_gla (vector gate)"] = f"missing ({type(e).__name__}: {e})"
+    try:
         from fla.ops.simple_gla import chunk_simple_gla
 
         out["fla chunk_simple_gla"] = lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g)[0]
@@ -138,11 +145,13 @@ def time_all(seqlens: list[int], batch: int = 4, heads: int = 16, dim: int = 128
         "tilewise (no gate)": (lambda q, k, v, g: _ours(q, k, v, None, None, None)[0], None),
         "tilewise (scalar gate)": (lambda q, k, v, g: _ours(q, k, v, g, None, None)[0], "scalar"),
         "tilewise reference (scalar gate)": (lambda q, k, v, g: _ref(q, k, v, g, None, None)[0], "scalar"),
+        "tilewise (vector gate, GLA)": (lambda q, k, v, g: _ours(q, k, v, g, None, None)[0], "vector"),
+        "tilewise reference (vector gate)": (lambda q, k, v, g: _ref(q, k, v, g, None, None)[0], "vector"),
     }
     peers = _peers() if peers else {}
     rows = [(n, fn, gate) for n, (fn, gate) in ours.items()]
     rows.append(("torch SDPA causal", lambda q, k, v, g: _sdpa(q, k, v), None))
-    rows += [(n, fn, "scalar" if "gla" in n else None) for n, fn in peers.items()]
+    rows += [(n, fn, "vector" if "vector" in n else "scalar" if "gla" in n else None) for n, fn in peers.items()]
     print(f"{'T':>6} {'impl':34} {'fwd ms':>9} {'% floor':>8} {'fwd+bwd ms':>11} {'% floor':>8}")
     for seq in seqlens:
         elem = batch * seq * heads * dim * 2

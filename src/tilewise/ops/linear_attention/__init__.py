@@ -7,12 +7,10 @@ Triton backend is chosen.
 from __future__ import annotations
 
 import itertools
-import os
-import warnings
 
 import torch
 
-from tilewise._backend import ENV_VAR, resolve_backend
+from tilewise._backend import resolve_backend
 from tilewise.ops.linear_attention.reference import linear_attention_chunked, linear_attention_step_ref
 
 __all__ = ["MAX_HEAD_DIM", "linear_attention", "linear_attention_step"]
@@ -90,22 +88,6 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor) -> int:
     return len(bounds) - 1
 
 
-def _pick_backend(backend: str, g: torch.Tensor | None, *tensors: torch.Tensor) -> str:
-    """The backend for the chunked op. The vector gate's Triton kernel is not yet verified on a GPU, so only an
-    explicit ``backend="triton"`` runs it; ``auto`` (also with ``TILEWISE_BACKEND=triton``) runs the reference."""
-    chosen = resolve_backend(backend, *tensors)
-    if chosen == "triton" and g is not None and g.dim() == 4 and backend != "triton":
-        how = f"{ENV_VAR}=triton" if os.environ.get(ENV_VAR, "").strip() else "backend='auto'"
-        warnings.warn(
-            f"linear_attention: with {how} the vector gate g [B, T, H, Dk] runs the chunked PyTorch path, which is "
-            "slower and stores [64, 64, Dk] decay blocks per chunk; its Triton kernel is opt-in (backend='triton') "
-            "until verified on a GPU",
-            stacklevel=3,
-        )
-        chosen = "reference"
-    return chosen
-
-
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -126,9 +108,9 @@ def linear_attention(
         q, k: ``[B, T, H, Dk]``; v: ``[B, T, H, Dv]``; one dtype (float32, float16 or bfloat16), ``Dk, Dv <= 256``.
         g: log decay (``decay = exp(g)``, normally ``g <= 0``): None (plain linear attention), ``[H]`` (a constant
             per head, Lightning Attention / RetNet), ``[B, T, H]`` (scalar gate, simple GLA / Mamba-2) or
-            ``[B, T, H, Dk]`` (vector gate per key dim, GLA; its Triton kernel is opt-in with
-            ``backend="triton"`` until verified on a GPU: ``auto`` runs the chunked PyTorch path with a warning
-            where it would pick Triton). Any float dtype; math in fp32.
+            ``[B, T, H, Dk]`` (vector gate per key dim, GLA; its Triton kernel is exact but not yet on tensor
+            cores: ~45x the no-gate time at T=8K on an H100, still ~24x faster than the chunked PyTorch path).
+            Any float dtype; math in fp32.
         scale: multiplies ``q``; default ``Dk ** -0.5``.
         initial_state: ``[N, H, Dk, Dv]`` state before the first token (``N = B``, or the number of packed
             sequences); default zeros.
@@ -162,7 +144,7 @@ def linear_attention(
     if initial_state is not None:
         _check_state("initial_state", initial_state, (n, heads, dk, v.shape[-1]), q.device)
     scale = dk**-0.5 if scale is None else float(scale)
-    chosen = _pick_backend(backend, g, q, k, v)
+    chosen = resolve_backend(backend, q, k, v)
     if chosen == "reference":
         return linear_attention_chunked(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     from tilewise.ops.linear_attention.triton import linear_attention_triton
