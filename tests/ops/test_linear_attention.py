@@ -440,6 +440,25 @@ def test_triton_fused_forward_is_taken_and_matches_split(device: str, tuning: di
     assert_close(h_empty, h0)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("gate", [None, "scalar", "vector"])
+def test_triton_eager_function_equals_custom_op(gate: str | None, device: str, monkeypatch) -> None:
+    """Eager calls take a plain autograd.Function, torch.compile the custom op: the same host functions, so the
+    same bits, with and without a used final state."""
+    mod = importlib.import_module("tilewise.ops.linear_attention.triton")
+    inputs = make_inputs(1, 70, 2, 16, 16, gate, device=device)
+    results = []
+    for via_op in (False, True):
+        monkeypatch.setattr(mod, "EAGER_VIA_CUSTOM_OP", via_op)
+        o, final, grads = forward_and_grads(triton_call, inputs)
+        q, k, v, g, h0 = inputs.values()
+        o2, _ = linear_attention(q, k, v, g, initial_state=h0, backend="triton")  # final state unused
+        grads2 = torch.autograd.grad(o2.float().sum(), [t for t in (q, k, v, g, h0) if t is not None])
+        results.append([o, final, *grads, o2, *grads2])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 # Vector gate g [B, T, H, Dk] (GLA), against the token-by-token recurrence: T in {1, 63, 64, 130}, Dk and Dv in
 # {16, 32} (tiles padded to 32), two K blocks (Dk = 100), fp32 and bf16; every case with an initial and a final state.
 VECTOR_CASES = [
