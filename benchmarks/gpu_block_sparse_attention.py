@@ -9,9 +9,14 @@
    speedup over SDPA, and the cosine similarity of our output to dense causal attention, on two inputs: i.i.d.
    Gaussian q, k, v (flat attention: a sparse mask cannot capture it, the worst case) and "local" q, k (a shared
    smooth latent plus noise, so attention is concentrated, as in trained models). Our time includes building the
-   block lists from the mask (and its diagonal check); ``select_blocks`` is timed on its own.
+   block lists from the mask; ``select_blocks`` is timed on its own.
 
-Options: ``--skip-check``, ``--skip-time``, ``--seq 32768``, ``--block-size 64``.
+3. ``--sweep``: the forward kernel's launch choices (``tilewise.ops.block_sparse_attention.triton.TUNING``: query
+   rows per program, warps, stages) at ``B=4 H=16 T=8192 D=128`` bf16 with ~10% random blocks, block 128 and 64
+   (the ``tilewise bench mixers`` shape), forward and forward+backward, then that suite's rows at T=8192 without
+   fla (SDPA and FlexAttention on the same mask, in the same process).
+
+Options: ``--skip-check``, ``--skip-time``, ``--sweep``, ``--seq 32768``, ``--block-size 64``.
 """
 
 from __future__ import annotations
@@ -147,12 +152,61 @@ def time_all(seq: int, block_size: int, heads: int = 16, dim: int = 128) -> None
         torch.cuda.empty_cache()
 
 
+SWEEP = {
+    "defaults": {},
+    "bm64": {"fwd_bm": 64},
+    "w4": {"fwd_warps": 4},
+    "bm64 w4": {"fwd_bm": 64, "fwd_warps": 4},
+    "s2": {"fwd_stages": 2},
+    "s3": {"fwd_stages": 3},
+    "s4": {"fwd_stages": 4},
+    "bm64 w4 s3": {"fwd_bm": 64, "fwd_warps": 4, "fwd_stages": 3},
+    "bm32 w4": {"fwd_bm": 32, "fwd_warps": 4},
+}
+
+
+def sweep(batch: int = 4, heads: int = 16, seq: int = 8192, dim: int = 128) -> None:
+    from tilewise.bench.mixers import keep_mask
+    from tilewise.ops.block_sparse_attention import triton as bsa_triton
+
+    defaults = dict(bsa_triton.TUNING)
+    q, k, v = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    do = torch.randn_like(q)
+    for block in (128, 64):
+        mask = keep_mask(seq, block).to("cuda")
+        print(
+            f"\nsweep: B={batch} H={heads} T={seq} D={dim} bf16, block {block}, kept {_density(mask[None, None]):.1%}"
+        )
+        for name, change in SWEEP.items():
+            bsa_triton.TUNING.clear()
+            bsa_triton.TUNING.update(defaults | change)
+
+            def ours(mask=mask, block=block):
+                return block_sparse_attention(q, k, v, mask[None, None], block_size=block)
+
+            try:
+                with torch.no_grad():
+                    f = _bench(ours)
+                b = _bench(lambda ours=ours: ours().backward(do), grad_to_none=[q, k, v])
+                print(f"  {name:14} fwd {f:7.3f} ms  fwd+bwd {b:7.3f} ms", flush=True)
+            except Exception as e:  # a variant that does not fit: report, go on
+                print(f"  {name:14} failed ({type(e).__name__}: {str(e)[:90]})", flush=True)
+    bsa_triton.TUNING.clear()
+    bsa_triton.TUNING.update(defaults)
+    from tilewise.bench import format_table
+    from tilewise.bench.mixers import mixers_suite
+
+    print(format_table(mixers_suite(seqlens=[seq], peers=())))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--seq", type=int, default=32768)
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--sweep", action="store_true", help="time the forward kernel's launch choices")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -162,6 +216,8 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     torch.manual_seed(42)
     ok = check() if not args.skip_check else True
+    if args.sweep:
+        sweep()
     if not args.skip_time:
         time_all(args.seq, args.block_size)
     return 0 if ok else 1

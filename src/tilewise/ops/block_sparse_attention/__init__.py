@@ -67,12 +67,9 @@ def _check_block_mask(block_mask: torch.Tensor, q: torch.Tensor, block_size: int
             f"block_mask must be [B, H, NB, NB] = {list(want)} (NB = ceil(T / block_size) = ceil({seq} / "
             f"{block_size}); B and H may be 1 to broadcast), got {list(shape)}"
         )
-    if nb and not bool(block_mask.diagonal(dim1=-2, dim2=-1).all()):
-        raise ValueError(
-            "block_mask must keep every diagonal block (query block i with key block i), so that every query sees "
-            "at least itself; set block_mask.diagonal(dim1=-2, dim2=-1).fill_(True)"
-        )
-    return block_mask.expand(want)
+    # Every query sees at least itself: the diagonal blocks are attended whether the mask keeps them or not (an OR
+    # on the device, where a check would cost a host sync per call).
+    return block_mask.expand(want) | torch.eye(nb, dtype=torch.bool, device=q.device)
 
 
 def block_sparse_attention(
@@ -93,7 +90,8 @@ def block_sparse_attention(
     Args:
         q, k, v: ``[B, H, T, D]``, one dtype (float32, float16 or bfloat16), ``D`` in {32, 64, 128}, any ``T``.
         block_mask: bool ``[B, H, NB, NB]``, ``NB = ceil(T / block_size)`` (``B`` or ``H`` may be 1 to
-            broadcast); every diagonal block must be kept. See :func:`select_blocks`.
+            broadcast). The diagonal blocks are always attended (every query sees itself), kept or not. See
+            :func:`select_blocks`.
         block_size: tokens per block, a power of two in [32, 128]; default 64.
         scale: multiplies ``q . k``; default ``D ** -0.5``.
         backend: ``"auto"`` (Triton for CUDA tensors when Triton imports, else the dense masked PyTorch
@@ -104,8 +102,7 @@ def block_sparse_attention(
 
     Raises:
         TypeError: an argument has the wrong type.
-        ValueError: a shape, dtype or device does not fit (the message names the argument), or a diagonal block
-            is dropped.
+        ValueError: a shape, dtype or device does not fit (the message names the argument).
         RuntimeError: ``backend="triton"`` cannot run here.
 
     Example:

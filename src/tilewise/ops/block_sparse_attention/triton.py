@@ -77,16 +77,18 @@ def _fwd_step(b_q, k, v, base, i_s, o_t, T, b_m, b_l, b_acc, qk_scale, D: tl.con
 
 @triton.jit
 def _fwd_kernel(q, k, v, o, lse, kv_idx, kv_cnt, T, NB, qk_scale, D: tl.constexpr, BT: tl.constexpr,
-                DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+                BM: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """``BM`` query rows (a part of query block ``i_t`` when ``BM < BT``) against the block's kept key blocks."""
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t = i_p // (BT // BM)
     # int64: (b * H + h) * T * D can pass 2**31.
     base = i_bh.to(tl.int64) * T * D
     row = i_bh.to(tl.int64) * NB + i_t
-    o_t = i_t * BT + tl.arange(0, BT)
+    o_t = i_t * BT + (i_p % (BT // BM)) * BM + tl.arange(0, BM)
     b_q = _load_rows(q, base, o_t, T, D, DOT)
-    b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BT], dtype=tl.float32)
-    b_acc = tl.zeros([BT, D], dtype=tl.float32)
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, D], dtype=tl.float32)
     n = tl.load(kv_cnt + row)
     # Off-diagonal kept blocks (fully visible), then the diagonal block, always kept and last in the list.
     for i_n in range(0, n - 1):
@@ -260,9 +262,26 @@ def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
     return {"DOT": tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, "PREC": "tf32"}
 
 
+# Launch choices of the forward kernel (benchmarks/gpu_block_sparse_attention.py --sweep times them): query rows
+# per program (``fwd_bm``, a power of two <= block_size, >= 32; None = the block), warps (None: 8 from block 128,
+# else 4) and pipeline stages (None: Triton's default, with the shared-memory fallback).
+TUNING: dict[str, int | None] = {"fwd_bm": None, "fwd_warps": None, "fwd_stages": None}
+
+
 def _launch_args(q: torch.Tensor, block_size: int) -> dict:
     warps = 8 if block_size >= 128 else 4
     return {"D": q.shape[-1], "BT": block_size, "num_warps": warps, **_dot_args(q.dtype, q.device)}
+
+
+def _fwd_launch_args(q: torch.Tensor, block_size: int) -> tuple[int, dict]:
+    """``(query rows per program, launch options)`` of the forward kernel from ``TUNING``."""
+    bm = min(block_size, max(32, TUNING["fwd_bm"] or block_size))
+    opts = _launch_args(q, block_size) | {"BM": bm}
+    if TUNING["fwd_warps"]:
+        opts["num_warps"] = TUNING["fwd_warps"]
+    if TUNING["fwd_stages"]:
+        opts["num_stages"] = TUNING["fwd_stages"]
+    return bm, opts
 
 
 def block_lists(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,9 +307,10 @@ def block_sparse_attention_fwd(q, k, v, kv_idx, kv_cnt, block_size: int, scale: 
     lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
     nb = kv_cnt.shape[-1]
     if o.numel():
-        grid = (nb, batch * heads)
+        bm, opts = _fwd_launch_args(q, block_size)
+        grid = (nb * (block_size // bm), batch * heads)
         args = (q, k, v, o, lse, kv_idx, kv_cnt, seq, nb, scale * LOG2E)
-        _launch_fitting(_fwd_kernel, grid, args, _launch_args(q, block_size))
+        _launch_fitting(_fwd_kernel, grid, args, opts)
     return o, lse
 
 
@@ -319,7 +339,10 @@ def _launch_fitting(kernel, grid, args, options: dict) -> None:
     gradient kernels at block 128 with D = 128 asked for 296 KB on an H100, which has 227 KB), with 2 and then 1
     stage; the depth that fitted is remembered per kernel and options."""
     key = (kernel.fn.__name__, *sorted(options.items(), key=lambda kv: kv[0]))
-    tries = [_STAGES[key]] if key in _STAGES else [None, 2, 1]
+    if "num_stages" in options:  # chosen by the caller: no fallback
+        tries = [None]
+    else:
+        tries = [_STAGES[key]] if key in _STAGES else [None, 2, 1]
     for i, stages in enumerate(tries):
         extra = {} if stages is None else {"num_stages": stages}
         try:
