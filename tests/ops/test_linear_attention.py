@@ -395,11 +395,7 @@ FUSED_CASES = [
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
 def test_triton_fused_forward_and_wide_tiles(case: tuple, device: str, tuning: dict) -> None:
     tuning.update(fused_min_programs=1, bwd_bk=128, bwd_bv=128)
-    *shape, dtype, gate = case
-    inputs = make_inputs(*shape, gate, dtype, device)
-    got = forward_and_grads(triton_call, inputs)
-    want = forward_and_grads(chunked, inputs)
-    assert_all_close(got, want, dtype, grad_names(inputs), _triton_rel(dtype, device))
+    test_triton_matches_reference(case, device)
 
 
 @pytest.mark.interpret
