@@ -242,6 +242,8 @@ def _conv_rows(dev: torch.device, dtype: torch.dtype, t: int, batch: int, channe
     if backend == "auto" and dev.type == "cuda" and t <= MAX_TRITON_N:
         ours = "triton"  # auto runs the torch.fft reference on CUDA: race the kernel instead
     chosen = resolve_backend(ours, u)
+    if chosen == "triton" and t > MAX_TRITON_N and ours != "triton":
+        chosen = "reference"  # what fft_conv runs there: its kernel stops at MAX_TRITON_N (torch.fft above)
     note = _CPU_NOTE if dev.type == "cpu" else None
     rows = []
     for op in OPS:
