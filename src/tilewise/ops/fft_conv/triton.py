@@ -47,6 +47,20 @@ _MIN_L = 512
 
 
 @triton.jit
+def _mm(a, b, acc, PREC: tl.constexpr):
+    """``a @ b (+ acc)`` in fp32 at the dot precision ``PREC``: a ``tl.dot`` input precision (``"tf32"``,
+    ``"tf32x3"``, ``"bf16x3"``, ``"ieee"``), or ``"bf16"``: both operands rounded to bfloat16 (tensor-core products,
+    exact in fp32, and fp32 accumulation: twice tf32's rate, half its operand bytes), or ``"bf16emu"``: the same
+    rounding followed by fp32 IEEE dots, what the host picks in Triton's interpreter, whose 16-bit dot is wrong."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PREC == "bf16emu":
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
 def _cmul(ar, ai, br, bi):
     return ar * br - ai * bi, ar * bi + ai * br
 
@@ -54,10 +68,10 @@ def _cmul(ar, ai, br, bi):
 @triton.jit
 def _cdot(ar, ai, br, bi, PREC: tl.constexpr):
     """``(ar + i ai) @ (br + i bi)`` as four real dots."""
-    b_r = tl.dot(ar, br, input_precision=PREC)
-    b_r = tl.dot(-ai, bi, acc=b_r, input_precision=PREC)
-    b_i = tl.dot(ar, bi, input_precision=PREC)
-    b_i = tl.dot(ai, br, acc=b_i, input_precision=PREC)
+    b_r = _mm(ar, br, None, PREC)
+    b_r = _mm(-ai, bi, b_r, PREC)
+    b_i = _mm(ar, bi, None, PREC)
+    b_i = _mm(ai, br, b_i, PREC)
     return b_r, b_i
 
 
@@ -78,8 +92,8 @@ def _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC: tl.constexpr):
 @triton.jit
 def _spectrum_block(b_x, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC: tl.constexpr):
     """Rows ``k1`` of the permuted spectrum of the real row ``b_x [N1H, N2]``: ``((F1[k1, :N1H] @ A) ∘ T) @ F2``."""
-    b_br = tl.dot(b_f1r, b_x, input_precision=PREC)
-    b_bi = tl.dot(b_f1i, b_x, input_precision=PREC)
+    b_br = _mm(b_f1r, b_x, None, PREC)
+    b_bi = _mm(b_f1i, b_x, None, PREC)
     return _finish_spectrum(b_br, b_bi, b_tr, b_ti, b_f2r, b_f2i, PREC)
 
 
@@ -88,8 +102,8 @@ def _inverse_block(b_y, b_cr, b_ci, b_f1r, b_f1i, b_tr, b_ti, b_f2r, b_f2i, PREC
     """``b_y += Re(conj(F1)[:N1H, k1] @ ((C conj(F2)) ∘ conj(T)))`` for the spectrum block ``C [BK, N2]``."""
     b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC)
     # F1 is symmetric: conj(F1)[n1, k1] = conj(F1[k1, n1]); Re(conj(F) D) = Fr Dr + Fi Di.
-    b_y = tl.dot(tl.trans(b_f1r), b_dr, acc=b_y, input_precision=PREC)
-    return tl.dot(tl.trans(b_f1i), b_di, acc=b_y, input_precision=PREC)
+    b_y = _mm(tl.trans(b_f1r), b_dr, b_y, PREC)
+    return _mm(tl.trans(b_f1i), b_di, b_y, PREC)
 
 
 @triton.jit
@@ -162,8 +176,8 @@ def _fft_conv_kernel(
         if PAIR:
             b_br, b_bi = _cdot(b_f1r, b_f1i, b_xr, b_xi, PREC)
         else:
-            b_br = tl.dot(b_f1r, b_xr, input_precision=PREC)
-            b_bi = tl.dot(b_f1i, b_xr, input_precision=PREC)
+            b_br = _mm(b_f1r, b_xr, None, PREC)
+            b_bi = _mm(b_f1i, b_xr, None, PREC)
         b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr, b_ti, b_f2r, b_f2i, PREC)
         p_k = khat + i_h * (2 * N1 * N2) + i_k * BK * N2 + o_c
         b_kr = tl.load(p_k)
@@ -174,11 +188,11 @@ def _fft_conv_kernel(
         b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC)
         # Y += conj(F1)[:N1H, k1] @ D (F1 symmetric): re = Fr Dr + Fi Di, im = Fr Di - Fi Dr.
         b_f1rt, b_f1it = tl.trans(b_f1r), tl.trans(b_f1i)
-        b_yr = tl.dot(b_f1rt, b_dr, acc=b_yr, input_precision=PREC)
-        b_yr = tl.dot(b_f1it, b_di, acc=b_yr, input_precision=PREC)
+        b_yr = _mm(b_f1rt, b_dr, b_yr, PREC)
+        b_yr = _mm(b_f1it, b_di, b_yr, PREC)
         if PAIR:
-            b_yi = tl.dot(b_f1rt, b_di, acc=b_yi, input_precision=PREC)
-            b_yi = tl.dot(-b_f1it, b_dr, acc=b_yi, input_precision=PREC)
+            b_yi = _mm(b_f1rt, b_di, b_yi, PREC)
+            b_yi = _mm(-b_f1it, b_dr, b_yi, PREC)
     if HAS_SKIP:
         b_s = tl.load(skip + i_h).to(tl.float32)
         b_yr += b_s * b_xr
@@ -277,7 +291,8 @@ def _conv_configs(length: int, precision: str) -> tuple[ConvConfig, ...]:
     """
     n1, _ = _factors(length)
     warps = 4 if length <= 2048 else 8
-    split = precision != "tf32"  # tf32x3 / bf16x3 / ieee: operands split into parts, twice the shared memory
+    # tf32x3 / bf16x3 / ieee: operands split into parts, twice the shared memory (bf16: half of tf32's)
+    split = precision not in ("tf32", "bf16", "bf16emu")
     if length <= 2048:
         first = [ConvConfig(True, min(n1, 32), 3, warps)]
     elif length <= 8192:
@@ -366,7 +381,8 @@ def fft_conv_triton_fwd(
     ``y[t] = sum_{s >= t} k[s - t] u[s]``) of contiguous ``u [B, H, N]`` with ``k [H, N]``, ``N <= MAX_FUSED_N``.
 
     ``out``, if given, is a contiguous tensor like ``u`` that receives the result (tests poison it).
-    ``block_k``, ``num_warps``, ``precision`` (a ``tl.dot`` input precision), ``pair`` and ``num_stages``
+    ``block_k``, ``num_warps``, ``precision`` (a ``tl.dot`` input precision or ``"bf16"``, see :func:`_mm`),
+    ``pair`` and ``num_stages``
     override the tuned configuration, for benchmark sweeps; such a launch raises when it does not fit. Without
     them the kernel falls back along :func:`_conv_configs` and finally to ``torch.fft`` when the GPU lacks the
     shared memory; :data:`PATHS` records what ran.
@@ -379,6 +395,8 @@ def fft_conv_triton_fwd(
     length, on_device = _launch_options(u)
     n1, n2 = _factors(length)
     prec = precision or _PREC[u.dtype]
+    if prec == "bf16" and u.device.type != "cuda":
+        prec = "bf16emu"  # Triton's interpreter: the same operand rounding, fp32 dots (see _mm)
     configs = _conv_configs(length, prec)
     overrides = (block_k, num_warps, pair, num_stages)
     if any(o is not None for o in overrides):
