@@ -97,12 +97,13 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / ms * 1e3
 
 
-def sweep(dtype: torch.dtype, b: int = 8, h: int = 768, ns=(1024, 8192)) -> None:
+def sweep(dtype: torch.dtype, b: int = 8, h: int = 768, ns=(1024, 8192), precs=None) -> None:
     """Forward time of the Triton kernel per configuration: rows per program, block size, stages, dot precision."""
     print(f"\nsweep {dtype}, B={b} H={h}: forward ms (and rel RMS error vs fp64) per configuration")
     # bf16x3 (3 bf16 products, ~16 bits) may not exist in older triton: the sweep then reports the error.
     # bf16: one bf16 product per dot (operands rounded to 8 bits; ~1.7e-2 relative error in the interpreter tests).
-    precs = ["tf32x3", "bf16x3", "tf32"] if dtype == torch.float32 else ["tf32", "bf16", "bf16x3"]
+    if precs is None:
+        precs = ["tf32x3", "bf16x3", "tf32"] if dtype == torch.float32 else ["bf16", "tf32", "bf16x3"]
     for n in ns:
         u, k, skip = _inputs(b, h, n, dtype)
         want = fft_conv_ref(u.double(), k.double(), skip.double())
@@ -190,13 +191,14 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the kernel configuration sweep")
     parser.add_argument("--n", type=int, nargs="+", default=[1024, 8192, 65536], help="sequence lengths to time")
     parser.add_argument("--sweep-n", type=int, nargs="+", default=[1024, 8192], help="sequence lengths to sweep")
+    parser.add_argument("--sweep-prec", nargs="+", help="dot precisions to sweep (default: per dtype, see sweep())")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__}")
     if not args.no_check:
         check()
     if not args.no_sweep:
         for name in args.dtype:
-            sweep(DTYPES[name], ns=tuple(args.sweep_n))
+            sweep(DTYPES[name], ns=tuple(args.sweep_n), precs=args.sweep_prec)
     for name in args.dtype:
         timing(DTYPES[name], tuple(args.n))
 
