@@ -187,6 +187,8 @@ SWEEP = {
     "bwd w4": {"bwd_warps": 4},
     "gated 16-bit states": {"gated_low_precision_states": True},
     "gated 16-bit states, bwd w4": {"gated_low_precision_states": True, "bwd_warps": 4},
+    "fused bwd w4 (no gate only)": {"fused_bwd": True},
+    "fused bwd w8 (no gate only)": {"fused_bwd": True, "fused_bwd_warps": 8},
 }
 
 

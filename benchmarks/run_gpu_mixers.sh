@@ -4,7 +4,8 @@
 # Each step has its own time cap and writes its log to $OUT/<step>.log; a failing or timed-out step does not stop
 # the rest. The whole run stays under TOTAL_S seconds (default 560, inside the device tool's 600 s per command).
 # Steps, most needed first (the open items of issue #5 after the 2026-11-23 session):
-#   1. fft_conv: the bf16-operand precision (untimed) against tf32 at N=8192, bf16 I/O, with errors;
+#   1. fft_conv: the bf16-operand precision (untimed) against tf32 at N=8192, bf16 I/O, with errors; the linear
+#      attention launch sweep, which times the fused backward (TUNING fused_bwd, off until then);
 #   2. the GPU tests added without a GPU run (block-sparse fp16 at block 128) and the linear-attention GPU tests;
 #   3. fp32 block-sparse attention at block 128 / D 128 alone, with a long cap (did not finish in 7 min before);
 #   4. tilewise bench mixers at T=8192 (with fla when its wheels are carried: its autotuning takes minutes).
@@ -44,6 +45,7 @@ step() {
 }
 
 step fft-bf16 200 $PY benchmarks/gpu_fft_conv.py --no-check --dtype bf16 --sweep-n 8192 --sweep-prec bf16 tf32 --n 8192
+step la-sweep 120 $PY benchmarks/gpu_linear_attention.py --skip-check --skip-time --sweep --seqlens 8192
 step gpu-tests 200 $PY -m pytest -q -p no:benchmark -rfE --tb=short -n 6 -m gpu \
   tests/ops/test_linear_attention.py tests/ops/test_block_sparse_attention.py
 step bsa-fp32-128 120 $PY -c "import torch, tilewise.ops as o; q=torch.randn(1,2,1000,128,device='cuda',requires_grad=True); m=torch.ones(1,2,8,8,dtype=torch.bool,device='cuda'); y=o.block_sparse_attention(q,q,q,m,block_size=128); y.sum().backward(); print('fp32 block 128 ran', float(y.float().norm()))"

@@ -398,6 +398,53 @@ def test_triton_fused_forward_and_wide_tiles(case: tuple, device: str, tuning: d
     test_triton_matches_reference(case, device)
 
 
+# The fused backward (no gate; opt-in until timed on a GPU), forced at small sizes: awkward T, two K blocks
+# (Dk = 100), Dv not a power of two, fp32 and bf16, with an initial state and a used final state (make_inputs).
+FUSED_BWD_CASES = [
+    (2, 63, 2, 16, 32, torch.float32),
+    (1, 130, 1, 100, 48, torch.float32),
+    (1, 1, 2, 32, 32, torch.float32),
+    (2, 70, 2, 32, 32, torch.bfloat16),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("case", FUSED_BWD_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_triton_fused_backward(case: tuple, device: str, tuning: dict) -> None:
+    tuning.update(fused_bwd=True, fused_min_programs=1)
+    *shape, dtype = case
+    test_triton_matches_reference((*shape, dtype, None), device)
+
+
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned_empty")
+def test_triton_fused_backward_varlen_and_unused_state(device: str, tuning: dict) -> None:
+    """Packed sequences; then no initial state and an unused final state (no dht, no dh0)."""
+    tuning.update(fused_bwd=True, fused_min_programs=1)
+    mod = importlib.import_module("tilewise.ops.linear_attention.triton")
+    cu = torch.tensor([0, 0, 1, 64, 130, 200], dtype=torch.int32, device=device)
+    inputs = make_inputs(1, 200, 2, 16, 16, None, device=device, n_states=5)
+    assert_all_close(
+        forward_and_grads(triton_call, inputs, cu),
+        forward_and_grads(chunked, inputs, cu),
+        torch.float32,
+        grad_names(inputs),
+    )
+    calls = []
+    real = mod._states
+    mod._states = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        inputs = make_inputs(2, 90, 2, 32, 32, None, device=device)
+        inputs["initial_state"] = None
+        got = forward_and_grads(triton_call, inputs, with_final=False)
+    finally:
+        mod._states = real
+    assert not calls  # neither pass stored chunk states
+    want = forward_and_grads(chunked, inputs, with_final=False)
+    assert_all_close(got, want, torch.float32, grad_names(inputs))
+
+
 @pytest.mark.interpret
 @pytest.mark.usefixtures("poisoned_empty")
 def test_triton_fused_forward_varlen(device: str, tuning: dict) -> None:
@@ -566,7 +613,7 @@ def test_triton_matches_reference_gpu(gate: str | None, dtype: torch.dtype) -> N
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", [None, "scalar"])
-@pytest.mark.parametrize("path", ["fused", "split", "gated-16-bit-states"])
+@pytest.mark.parametrize("path", ["fused", "split", "gated-16-bit-states", "fused-backward"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_launch_paths_gpu(gate: str | None, path: str, dtype: torch.dtype, tuning: dict) -> None:
     """Both forward paths and both gradient tile widths at a real size (the size rule picks one of each), and the
@@ -577,6 +624,8 @@ def test_triton_launch_paths_gpu(gate: str | None, path: str, dtype: torch.dtype
         tuning.update(
             fused_fwd=False, bwd_bk=64, bwd_bv=64, low_precision_states=False, gated_low_precision_states=False
         )
+    elif path == "fused-backward":
+        tuning.update(fused_bwd=True, fused_min_programs=1)
     else:
         tuning.update(gated_low_precision_states=True)
     inputs = make_inputs(2, 2048 + 17, 4, 128, 128, gate, dtype, "cuda")

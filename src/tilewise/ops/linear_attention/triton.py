@@ -428,6 +428,183 @@ def _chunk_bwd_dv_kernel(
     tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
+@triton.jit
+def _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
+    """``(first token, length)`` of sequence ``i_n``."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        bos = i_n.to(tl.int64) * T
+    return bos, T
+
+
+@triton.jit
+def _fused_bwd_dq_kernel(
+    k,
+    v,
+    do,
+    h_in,
+    dq,
+    cu_seqlens,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    VP: tl.constexpr,
+    USE_H_IN: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """No gate: ``dq [BT, BK]`` of every chunk of one ``(sequence, head, K block)`` in one forward sweep, the state
+    rows ``h_n [BK, V]`` kept in fp32 registers: ``dq = scale (do h_n^T + mask(do v^T) k)``, then
+    ``h <- h + k^T v``."""
+    i_nh, i_k = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = tl.arange(0, VP)
+    m_v = o_v < V
+    b_h = tl.zeros([BK, VP], dtype=tl.float32)
+    if USE_H_IN:
+        b_h += tl.load(
+            h_in + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+            mask=m_k[:, None] & m_v[None, :],
+            other=0.0,
+        )
+    for i_t in range(0, tl.cdiv(T, BT)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
+        b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
+        p_k = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(DOT)
+        b_ds = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = tl.where(o_t[:, None] >= o_t[None, :], b_ds, 0.0)
+        b_dq = tl.dot(b_do, tl.trans(b_h.to(DOT)), input_precision=PREC)
+        b_dq = b_dq * scale + tl.dot((b_ds * scale).to(DOT), b_k, input_precision=PREC)
+        tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+        b_h += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
+
+
+@triton.jit
+def _fused_bwd_dk_kernel(
+    q,
+    v,
+    do,
+    dht,
+    dk,
+    dh0,
+    cu_seqlens,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    VP: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """No gate: ``dk [BT, BK]`` of every chunk of one ``(sequence, head, K block)``, chunks last to first, the state
+    gradient rows ``dh [BK, V]`` in fp32 registers: ``dk = v dh_{n+1}^T + scale mask(do v^T)^T q``, then
+    ``dh <- dh + scale q^T do``; the last ``dh`` is ``d initial_state``."""
+    i_nh, i_k = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = tl.arange(0, VP)
+    m_v = o_v < V
+    o_kv = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    b_dh = tl.zeros([BK, VP], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + o_kv, mask=m_k[:, None] & m_v[None, :], other=0.0)
+    NT = tl.cdiv(T, BT)
+    for i in range(0, NT):
+        o_t = (NT - 1 - i) * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
+        b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
+        p_k = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_ds = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = tl.where(o_t[:, None] >= o_t[None, :], b_ds, 0.0)
+        b_dk = tl.dot(b_v, tl.trans(b_dh.to(DOT)), input_precision=PREC)
+        b_dk += tl.dot(tl.trans((b_ds * scale).to(DOT)), b_q.to(DOT), input_precision=PREC)
+        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+        b_dh += tl.dot(tl.trans((b_q * scale).to(DOT)), b_do, input_precision=PREC)
+    if STORE_DH0:
+        tl.store(dh0 + o_kv, b_dh, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _fused_bwd_dv_kernel(
+    q,
+    k,
+    do,
+    dht,
+    dv,
+    cu_seqlens,
+    T,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    KP: tl.constexpr,
+    BV: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """No gate: ``dv [BT, BV]`` of every chunk of one ``(sequence, head, V block)``, chunks last to first, the state
+    gradient columns ``dh [K, BV]`` in fp32 registers: ``dv = k dh_{n+1} + scale mask(q k^T)^T do``, then
+    ``dh <- dh + scale q^T do``."""
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_dh = tl.zeros([KP, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(
+            dht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+            mask=m_k[:, None] & m_v[None, :],
+            other=0.0,
+        )
+    NT = tl.cdiv(T, BT)
+    for i in range(0, NT):
+        o_t = (NT - 1 - i) * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_k = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(DOT)
+        b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
+        # A^T [BT (key j), BT (query i)], kept where j <= i.
+        b_At = tl.dot(b_k, tl.trans(b_q.to(DOT)), input_precision=PREC)
+        b_At = tl.where(o_t[:, None] <= o_t[None, :], b_At, 0.0)
+        b_dv = tl.dot(b_k, b_dh.to(DOT), input_precision=PREC)
+        b_dv += tl.dot((b_At * scale).to(DOT), b_do, input_precision=PREC)
+        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        b_dh += tl.dot(tl.trans((b_q * scale).to(DOT)), b_do, input_precision=PREC)
+
+
 # ---- Vector gate g [T, H, K] (GLA). The decay differs per key dim, so the intra-chunk scores
 # A_ij = Σ_d q_id k_jd e^{G_id - G_jd} (j <= i) cannot be one dot of gated operands without factors e^{-G_j} that
 # overflow; this first version sums them one key dim at a time in fp32 ([BT, BT] elementwise per dim, exponents
@@ -658,6 +835,9 @@ def _block(d: int, cap: int = 64) -> int:
 # H100 B=4 T=8192 H=16 D=128 bf16, no gate (ms, fwd / fwd+bwd): split with fp32 states 0.797 / 2.714, 16-bit states
 # 0.556 / 1.834, fused bv64 w4 0.256 / 1.537, + gradient tiles 128 x 128 1.365 (w4) / 1.382 (w8); scalar gate
 # fwd+bwd 2.623 (w4) / 2.476 (w8), with 16-bit states 1.813 (w8) (BENCHMARKS.md).
+# ``fused_bwd`` (no gate, Dk, Dv <= 128, >= ``fused_min_programs`` programs): the gradients in three sweeps that
+# keep their state slices in registers (_fused_bwd_dq/dk/dv_kernel), no chunk state in memory; interpreter-tested,
+# off until timed on a GPU.
 TUNING: dict[str, Any] = {
     "fused_fwd": True,
     "fused_min_programs": 64,
@@ -669,6 +849,8 @@ TUNING: dict[str, Any] = {
     "bwd_warps": 8,
     "low_precision_states": True,
     "gated_low_precision_states": True,
+    "fused_bwd": False,
+    "fused_bwd_warps": 4,
 }
 
 
@@ -843,6 +1025,24 @@ def linear_attention_bwd(
     common |= {"IS_VARLEN": layout.varlen, "num_warps": 4, **_dot_args(q.dtype, q.device)}
     chunk_args = (layout.cu_seqlens, layout.chunk_indices, seq)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        fused = g is None and TUNING["fused_bwd"] and dk <= 128 and dv <= 128
+        if fused and layout.n * heads * nk >= TUNING["fused_min_programs"]:
+            dh0 = None if h0 is None else torch.empty_like(h0)
+            sweep = {"H": heads, "K": dk, "V": dv, "BT": BT, "IS_VARLEN": layout.varlen, **_dot_args(q.dtype, q.device)}
+            sweep["num_warps"] = TUNING["fused_bwd_warps"]
+            vp, kp = max(32, triton.next_power_of_2(dv)), max(32, triton.next_power_of_2(dk))
+            grid_k, grid_v = (layout.n * heads, nk), (layout.n * heads, triton.cdiv(dv, bv))
+            _fused_bwd_dq_kernel[grid_k](
+                kf, vf, dof, h0, dq, layout.cu_seqlens, seq, scale, BK=bk, VP=vp, USE_H_IN=h0 is not None, **sweep
+            )
+            _fused_bwd_dk_kernel[grid_k](
+                qf, vf, dof, dht, dk_, dh0, layout.cu_seqlens, seq, scale, BK=bk, VP=vp, USE_DHT=dht is not None,
+                STORE_DH0=dh0 is not None, **sweep,
+            )  # fmt: skip
+            _fused_bwd_dv_kernel[grid_v](
+                qf, kf, dof, dht, dv_, layout.cu_seqlens, seq, scale, KP=kp, BV=bv, USE_DHT=dht is not None, **sweep
+            )
+            return dq, dk_, dv_, None, dh0
         hs, _ = _states(kf, vf, gf, h0, layout, 1.0, reverse=False, store_out=False)
         dhs, dh0 = _states(qf, dof, gf, dht, layout, scale, reverse=True, store_out=h0 is not None)
         if vec:
