@@ -29,7 +29,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import OutOfResources
+
+from tilewise.ops._launch import dot_args as _dot_args
+from tilewise.ops._launch import first_that_fits
 
 __all__ = [
     "block_lists",
@@ -254,14 +256,6 @@ def _block_mass_kernel(q, k, mass, T, H, NR, NC, sq_b, sq_h, sq_t, sq_d, sk_b, s
         tl.store(p_row + o_c[None, :], b_zero, mask=(o_r < NR)[:, None] & (o_c < NC)[None, :])
 
 
-def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
-    """Operand dtype and precision of ``tl.dot``: the input dtype on a GPU (fp32 as IEEE fp32, not TF32); fp32 in
-    the interpreter, whose bf16 dot multiplies bit patterns as integers (as in linear_attention)."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return {"DOT": tl.float32, "PREC": "ieee"}
-    return {"DOT": tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, "PREC": "tf32"}
-
-
 # Launch choices of the forward kernel (benchmarks/gpu_block_sparse_attention.py --sweep times them): query rows
 # per program (``fwd_bm``, a power of two <= block_size, >= 32; None = the block), warps (None: 8 from block 128,
 # else 4) and pipeline stages (None: Triton's default, with the shared-memory fallback).
@@ -330,29 +324,25 @@ def block_sparse_attention_bwd(q, k, v, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt
     return dq, dk, dv
 
 
-# (kernel name, launch options) -> the pipeline depth that fitted the GPU's shared memory.
-_STAGES: dict[tuple, int | None] = {}
+# (kernel name, launch options) -> index of the pipeline depth that fitted (first_that_fits's record).
+_STAGES: dict[tuple, int] = {}
 
 
 def _launch_fitting(kernel, grid, args, options: dict) -> None:
     """Launch with Triton's default software pipelining, or, where that does not fit the GPU's shared memory (the
     gradient kernels at block 128 with D = 128 asked for 296 KB on an H100, which has 227 KB), with 2 and then 1
-    stage; the depth that fitted is remembered per kernel and options."""
-    key = (kernel.fn.__name__, *sorted(options.items(), key=lambda kv: kv[0]))
-    if "num_stages" in options:  # chosen by the caller: no fallback
-        tries = [None]
-    else:
-        tries = [_STAGES[key]] if key in _STAGES else [None, 2, 1]
-    for i, stages in enumerate(tries):
-        extra = {} if stages is None else {"num_stages": stages}
-        try:
-            kernel[grid](*args, **options, **extra)
-        except OutOfResources:
-            if i == len(tries) - 1:
-                raise
-            continue
-        _STAGES[key] = stages
+    stage (:func:`tilewise.ops._launch.first_that_fits`); when none fits, the last launch's ``OutOfResources``
+    goes to the caller. Stages the caller chose are launched as they are."""
+    if "num_stages" in options:
+        kernel[grid](*args, **options)
         return
+    key = (kernel.fn.__name__, *sorted(options.items(), key=lambda kv: kv[0]))
+
+    def launch(stages: int | None) -> None:
+        kernel[grid](*args, **options, **({} if stages is None else {"num_stages": stages}))
+
+    if first_that_fits(_STAGES, key, (None, 2, 1), launch) is None:
+        launch(1)  # raises the OutOfResources of the smallest depth
 
 
 def _mass_config(q: torch.Tensor) -> dict:

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import OutOfResources
 
+from tilewise.ops._launch import first_that_fits
 from tilewise.ops.fft_conv.monarch import dft_matrix, fft_length, twiddle
 from tilewise.ops.fft_conv.reference import fft_conv_ref
 
@@ -343,19 +343,8 @@ def _launch_options(u: torch.Tensor) -> tuple[int, contextlib.AbstractContextMan
 
 
 def _first_that_fits(key: tuple, configs: Sequence, launch: Callable[[Any], None]) -> Any | None:
-    """Launch with the first of ``configs`` that fits the GPU (the one that did last time for ``key`` first);
-    ``None`` when none does. ``OutOfResources`` (shared memory over the device's limit) is raised at launch,
-    before the kernel runs, so a failed try writes nothing."""
-    start = _CHOSEN.get(key, 0)
-    for i in range(start, len(configs)):
-        try:
-            launch(configs[i])
-        except OutOfResources:
-            continue
-        _CHOSEN[key] = i
-        return configs[i]
-    _CHOSEN[key] = len(configs)
-    return None
+    """:func:`tilewise.ops._launch.first_that_fits` with this module's record of what fitted (``_CHOSEN``)."""
+    return first_that_fits(_CHOSEN, key, configs, launch)
 
 
 def _corr_torch(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

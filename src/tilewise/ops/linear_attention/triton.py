@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tilewise.ops._launch import dot_args as _dot_args
+
 __all__ = ["BT", "TUNING", "linear_attention_bwd", "linear_attention_fwd", "linear_attention_triton"]
 
 # Chunk length: the intra-chunk attention is a [BT, BT] block.
@@ -201,6 +203,17 @@ def _chunk_fwd_o_kernel(
 
 
 @triton.jit
+def _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
+    """``(first token, length)`` of sequence ``i_n``."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        bos = i_n.to(tl.int64) * T
+    return bos, T
+
+
+@triton.jit
 def _chunk_fwd_fused_kernel(
     q,
     k,
@@ -232,11 +245,7 @@ def _chunk_fwd_fused_kernel(
     ``h <- e^{G_last} h + (k ⊙ e^{G_last-G})^T v``: the state and output kernels' math, in one loop."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        bos = i_n.to(tl.int64) * T
+    bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
     NT = tl.cdiv(T, BT)
     o_k = tl.arange(0, KP)
     m_k = o_k < K
@@ -426,17 +435,6 @@ def _chunk_bwd_dv_kernel(
     b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_dv += tl.dot((b_At * scale).to(DOT), b_do.to(DOT), input_precision=PREC)
     tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-
-
-@triton.jit
-def _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
-    """``(first token, length)`` of sequence ``i_n``."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        bos = i_n.to(tl.int64) * T
-    return bos, T
 
 
 @triton.jit
@@ -856,14 +854,6 @@ TUNING: dict[str, Any] = {
 
 def _launch_opts(warps: int, stages: int | None) -> dict:
     return {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
-
-
-def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
-    """Operand dtype and precision of ``tl.dot``: the input dtype on a GPU (fp32 as IEEE fp32, not TF32); fp32 in
-    the interpreter, whose bf16 dot multiplies bit patterns as integers."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return {"DOT": tl.float32, "PREC": "ieee"}
-    return {"DOT": tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, "PREC": "tf32"}
 
 
 class _Layout:
