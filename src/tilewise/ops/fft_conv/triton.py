@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -51,13 +52,30 @@ def _mm(a, b, acc, PREC: tl.constexpr):
     """``a @ b (+ acc)`` in fp32 at the dot precision ``PREC``: a ``tl.dot`` input precision (``"tf32"``,
     ``"tf32x3"``, ``"bf16x3"``, ``"ieee"``), or ``"bf16"``: both operands rounded to bfloat16 (tensor-core products,
     exact in fp32, and fp32 accumulation: twice tf32's rate, half its operand bytes), or ``"bf16emu"``: the same
-    rounding followed by fp32 IEEE dots, what the host picks in Triton's interpreter, whose 16-bit dot is wrong."""
+    rounding followed by fp32 IEEE dots, what the host picks in Triton's interpreter, whose 16-bit dot is wrong;
+    ``"fp16"`` / ``"fp16emu"`` likewise with float16 operands (11-bit significands like tf32, at bf16's rate): the
+    convolution kernel then scales its operands into float16's range (``SCALED`` in :func:`_fft_conv_kernel`)."""
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif PREC == "bf16emu":
         return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc, input_precision="ieee")
+    elif PREC == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    elif PREC == "fp16emu":
+        return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _to_operand(a, PREC: tl.constexpr):
+    """``a`` rounded once to the dot operand type of ``PREC`` (float16 / its fp32 emulation), so a loop reuses it."""
+    if PREC == "fp16":
+        return a.to(tl.float16)
+    elif PREC == "fp16emu":
+        return a.to(tl.float16).to(tl.float32)
+    else:
+        return a
 
 
 @triton.jit
@@ -126,6 +144,7 @@ def _load_block(f1, tw, i_k, N1: tl.constexpr, N1H: tl.constexpr, N2: tl.constex
 def _fft_conv_kernel(
     x,
     khat,
+    kscale,
     skip,
     y,
     f1,
@@ -150,8 +169,16 @@ def _fft_conv_kernel(
     ``CONJ`` multiplies by its conjugate instead (the anti-causal correlation of the backward). Without
     ``PAIR`` a program takes one row ``b`` (real in, real out): a third more dot flops, but half the live input
     and output tiles, which is what lets ``L = 16384`` fit an H100's shared memory (README.md).
+
+    With float16 dots (``PREC`` ``"fp16"``/``"fp16emu"``) every operand is kept inside float16's range: the rows
+    are divided by their largest magnitude ``m``, ``khat[h]`` arrives divided by ``kscale[h]`` (its largest
+    component), and ``D`` is divided by ``DSCALE`` before the last product; the output is multiplied back by
+    ``m kscale[h] DSCALE``. README.md has the bounds (every operand <= 16384 in magnitude).
     """
     N1H: tl.constexpr = N1 // 2
+    SCALED: tl.constexpr = PREC == "fp16" or PREC == "fp16emu"
+    # |D| <= N2 * 16384 with the scaled operands: back under 2^14 before it is rounded to float16
+    DSCALE: tl.constexpr = N2 * 4
     # The programs of a channel run next to each other, so its spectrum khat[h] is read from HBM once.
     i_p = tl.program_id(0).to(tl.int64)
     if PAIR:
@@ -168,6 +195,14 @@ def _fft_conv_kernel(
         m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
         b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
         b_yi = tl.zeros([N1H, N2], dtype=tl.float32)
+    if SCALED:
+        b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
+        if PAIR:
+            b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
+        b_m = tl.where(b_m > 0, b_m, 1.0)
+        b_xr = _to_operand(b_xr / b_m, PREC)
+        if PAIR:
+            b_xi = _to_operand(b_xi / b_m, PREC)
     b_f2r, b_f2i = _load_f2(f2, N2)
     b_yr = tl.zeros([N1H, N2], dtype=tl.float32)
     o_c = tl.arange(0, BK)[:, None] * N2 + tl.arange(0, N2)[None, :]
@@ -186,6 +221,9 @@ def _fft_conv_kernel(
             b_ki = -b_ki
         b_cr, b_ci = _cmul(b_cr, b_ci, b_kr, b_ki)
         b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC)
+        if SCALED:
+            b_dr = b_dr * (1.0 / DSCALE)
+            b_di = b_di * (1.0 / DSCALE)
         # Y += conj(F1)[:N1H, k1] @ D (F1 symmetric): re = Fr Dr + Fi Di, im = Fr Di - Fi Dr.
         b_f1rt, b_f1it = tl.trans(b_f1r), tl.trans(b_f1i)
         b_yr = _mm(b_f1rt, b_dr, b_yr, PREC)
@@ -193,11 +231,22 @@ def _fft_conv_kernel(
         if PAIR:
             b_yi = _mm(b_f1rt, b_di, b_yi, PREC)
             b_yi = _mm(-b_f1it, b_dr, b_yi, PREC)
+    if SCALED:
+        b_back = b_m * tl.load(kscale + i_h) * DSCALE
+        b_yr *= b_back
+        if PAIR:
+            b_yi *= b_back
     if HAS_SKIP:
         b_s = tl.load(skip + i_h).to(tl.float32)
-        b_yr += b_s * b_xr
-        if PAIR:
-            b_yi += b_s * b_xi
+        if SCALED:
+            # the rows were rounded to float16 for the dots: the direct term reads them again (from L2)
+            b_yr += b_s * tl.load(p_x, mask=m_t, other=0.0).to(tl.float32)
+            if PAIR:
+                b_yi += b_s * tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
+        else:
+            b_yr += b_s * b_xr
+            if PAIR:
+                b_yi += b_s * b_xi
     p_y = y + (i_b * H + i_h) * N + o_t
     tl.store(p_y, b_yr.to(y.dtype.element_ty), mask=m_t)
     if PAIR:
@@ -259,11 +308,15 @@ def _fft_corr_sum_kernel(
         tl.store(dot_out + i_h, tl.sum(tl.sum(b_s, axis=1), axis=0), mask=i_k == 0)
 
 
-def _factors(length: int) -> tuple[int, int]:
-    """``(N1, N2)`` for a transform of ``length``. Per row the convolution kernel does ``L (4 N1 + 8 N2)`` flops
-    with rows in pairs (``L (4 N1 + 16 N2)`` one row a program) and the ``dk`` kernel ``L (4 N1 + 16 N2) / 2`` per
-    input row, so ``N1`` between ``2 N2`` and ``4 N2``; ``N2`` at least 16 for ``tl.dot``."""
-    n2 = 16 if length <= 1024 else 32 if length <= 8192 else 64
+def _factors(length: int, n2: int | None = None) -> tuple[int, int]:
+    """``(N1, N2)`` for a transform of ``length`` (``n2`` overrides the choice, for sweeps). Per row the convolution
+    kernel does ``L (4 N1 + 8 N2)`` flops with rows in pairs (``L (4 N1 + 16 N2)`` one row a program) and the ``dk``
+    kernel ``L (4 N1 + 16 N2) / 2`` per input row, so ``N1`` between ``2 N2`` and ``4 N2``; ``N2`` at least 16 for
+    ``tl.dot``, ``N1 / 2`` too."""
+    if n2 is None:
+        n2 = 16 if length <= 1024 else 32 if length <= 8192 else 64
+    if n2 < 16 or length // n2 < 32 or length % n2:
+        raise ValueError(f"N2 = {n2} does not split L = {length} into N1 >= 32 and N2 >= 16")
     return length // n2, n2
 
 
@@ -323,17 +376,28 @@ def reset_paths() -> None:
     PATHS.clear()
 
 
-def _constants(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n1, n2 = _factors(length)
-    return dft_matrix(n1, device), dft_matrix(n2, device), twiddle(n1, n2, device)
+@functools.cache
+def _constants(
+    length: int, device: torch.device, dtype: torch.dtype = torch.float32, n2: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F_N1``, ``F_N2`` (in ``dtype``: float16 for the float16 dots) and the fp32 twiddles for ``length``."""
+    n1, n2 = _factors(length, n2)
+    return dft_matrix(n1, device).to(dtype), dft_matrix(n2, device).to(dtype), twiddle(n1, n2, device)
 
 
-def kernel_spectrum(k: torch.Tensor, length: int) -> torch.Tensor:
+def kernel_spectrum(k: torch.Tensor, length: int, n2: int | None = None) -> torch.Tensor:
     """``[H, 2, N1, N2]`` fp32 permuted spectrum of ``k [H, N]`` zero-padded to ``length``, times ``1 / length``:
     ``khat[h, :, k1, k2] = DFT_L(k[h])[k1 + N1 k2] / L`` (re, im). One ``torch.fft`` over ``H`` rows."""
-    n1, n2 = _factors(length)
+    n1, n2 = _factors(length, n2)
     spec = torch.fft.fft(k.float(), n=length).view(k.shape[0], n2, n1).transpose(1, 2) / length
     return torch.stack((spec.real, spec.imag), dim=1).contiguous()
+
+
+def _normalized(khat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``khat / s`` and ``s [H]``, the largest component magnitude of each channel (1 for an all-zero channel)."""
+    s = khat.abs().amax(dim=(1, 2, 3))
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return khat / s[:, None, None, None], s
 
 
 def _launch_options(u: torch.Tensor) -> tuple[int, contextlib.AbstractContextManager]:
@@ -365,13 +429,14 @@ def fft_conv_triton_fwd(
     precision: str | None = None,
     pair: bool | None = None,
     num_stages: int | None = None,
+    n2: int | None = None,
 ) -> torch.Tensor:
     """Host side, no autograd: causal convolution (or, with ``correlate``, the anti-causal correlation
     ``y[t] = sum_{s >= t} k[s - t] u[s]``) of contiguous ``u [B, H, N]`` with ``k [H, N]``, ``N <= MAX_FUSED_N``.
 
     ``out``, if given, is a contiguous tensor like ``u`` that receives the result (tests poison it).
-    ``block_k``, ``num_warps``, ``precision`` (a ``tl.dot`` input precision or ``"bf16"``, see :func:`_mm`),
-    ``pair`` and ``num_stages``
+    ``block_k``, ``num_warps``, ``precision`` (a ``tl.dot`` input precision, ``"bf16"`` or ``"fp16"``, see
+    :func:`_mm`), ``pair``, ``num_stages`` and ``n2`` (the contiguous factor ``N2`` of the transform length)
     override the tuned configuration, for benchmark sweeps; such a launch raises when it does not fit. Without
     them the kernel falls back along :func:`_conv_configs` and finally to ``torch.fft`` when the GPU lacks the
     shared memory; :data:`PATHS` records what ran.
@@ -382,12 +447,12 @@ def fft_conv_triton_fwd(
     if u.numel() == 0:
         return out
     length, on_device = _launch_options(u)
-    n1, n2 = _factors(length)
+    n1, n2 = _factors(length, n2)
     prec = precision or _PREC[u.dtype]
-    if prec == "bf16" and u.device.type != "cuda":
-        prec = "bf16emu"  # Triton's interpreter: the same operand rounding, fp32 dots (see _mm)
+    if prec in ("bf16", "fp16") and u.device.type != "cuda":
+        prec += "emu"  # Triton's interpreter: the same operand rounding, fp32 dots (see _mm)
     configs = _conv_configs(length, prec)
-    overrides = (block_k, num_warps, pair, num_stages)
+    overrides = (block_k, num_warps, pair, num_stages, n2 if n2 != _factors(length)[1] else None)
     if any(o is not None for o in overrides):
         c = configs[0]
         configs = (
@@ -398,14 +463,17 @@ def fft_conv_triton_fwd(
                 num_warps or c.num_warps,
             ),
         )
-    khat = kernel_spectrum(k, length)
-    f1, f2, tw = _constants(length, u.device)
+    khat = kernel_spectrum(k, length, n2)
+    half = prec in ("fp16", "fp16emu")
+    khat, kscale = _normalized(khat) if half else (khat, khat)
+    f1, f2, tw = _constants(length, u.device, torch.float16 if half else torch.float32, n2)
 
     def launch(c: ConvConfig) -> None:
         grid = (h * ((b + 1) // 2 if c.pair else b),)
         _fft_conv_kernel[grid](
             u,
             khat,
+            kscale,
             skip if skip is not None else u,
             out,
             f1,
@@ -433,7 +501,7 @@ def fft_conv_triton_fwd(
             key = ("conv", length, prec, u.dtype, k.dtype, u.device)
             ran = _first_that_fits(key, configs, launch)
     if ran is not None:
-        PATHS[ran.describe(length, prec)] += 1
+        PATHS[ran.describe(length, prec) + ("" if n2 == _factors(length)[1] else f" N2={n2}")] += 1
         return out
     PATHS[f"torch.fft L={length} (no kernel configuration fits)"] += 1
     y = _corr_torch(u, k) if correlate else fft_conv_ref(u.float(), k.float())
