@@ -40,17 +40,21 @@ def _name(c: dict) -> str:
 def _warm(job: tuple[dict, str, int]) -> str:
     """Compile one configuration (a small launch with the timed shape's integer specialisations)."""
     cfg, dtype_name, n = job
+    from tilewise.ops.fft_conv.reference import fft_conv_ref
     from tilewise.ops.fft_conv.triton import fft_conv_triton_fwd
 
-    dtype = DTYPES[dtype_name]
-    u = torch.randn(2, 16, n, device="cuda").to(dtype)
-    k = torch.randn(16, n, device="cuda").to(dtype)
     t0 = time.time()
     try:
-        fft_conv_triton_fwd(u, k, torch.randn(16, device="cuda").to(dtype), **cfg)
+        dtype = DTYPES[dtype_name]
+        u = torch.randn(2, 16, n, device="cuda").to(dtype)
+        k = torch.randn(16, n, device="cuda").to(dtype)
+        skip = torch.randn(16, device="cuda").to(dtype)
+        got = fft_conv_triton_fwd(u, k, skip, **cfg)
         torch.cuda.synchronize()
-        return f"ok {time.time() - t0:.0f}s"
-    except Exception as e:  # a configuration that does not compile or fit is reported by the timing pass
+        want = fft_conv_ref(u.double(), k.double(), skip.double())
+        err = float((got.double() - want).norm() / want.norm())
+        return f"ok {time.time() - t0:.0f}s, small-case err {err:.1e}"
+    except Exception as e:  # does not compile, fit or run: the timing pass skips it (a crash would end it)
         return f"{type(e).__name__}: {str(e)[:80]}"
 
 
@@ -75,7 +79,8 @@ def _sweep_dtype(args, dtype_name: str, configs: list[dict]) -> None:
 
     t0 = time.time()
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.jobs) as pool:
+    # one process per configuration: a kernel that faults leaves its CUDA context unusable
+    with ctx.Pool(args.jobs, maxtasksperchild=1) as pool:
         warm = pool.map(_warm, [(c, dtype_name, args.n) for c in configs], chunksize=1)
     print(f"\n{dtype_name}: compiled {len(configs)} configurations in {time.time() - t0:.0f}s", flush=True)
     dtype = DTYPES[dtype_name]
@@ -88,6 +93,10 @@ def _sweep_dtype(args, dtype_name: str, configs: list[dict]) -> None:
     print(f"B={args.b} H={args.h} N={args.n} {dtype_name}: torch.fft forward {base:.3f} ms", flush=True)
     rows = []
     for cfg, w in zip(configs, warm, strict=True):
+        if not w.startswith("ok"):
+            rows.append((float("inf"), f"{_name(cfg)}: not timed, its compile/launch said {w}"))
+            print(rows[-1][1], flush=True)
+            continue
         before = set(_stats())
         try:
             got = fft_conv_triton_fwd(u, k, skip, **cfg)

@@ -182,13 +182,18 @@ def time_all(seqlens: list[int], batch: int = 4, heads: int = 16, dim: int = 128
 # name -> TUNING changes from the defaults; each row is timed with only its changes applied.
 SWEEP = {
     "defaults": {},
-    "split, fp32 states (before)": {"fused_fwd": False, "low_precision_states": False, "bwd_bk": 64, "bwd_bv": 64},
+    "split, fp32 states (before)": {
+        "fused_fwd": False,
+        "low_precision_states": False,
+        "bwd_bk": 64,
+        "bwd_bv": 64,
+        "fused_bwd": False,
+    },
+    "chunk-state backward": {"fused_bwd": False},
+    "chunk-state backward, w4": {"fused_bwd": False, "bwd_warps": 4},
     "fused bv64 w4 s3": {"fwd_stages": 3},
-    "bwd w4": {"bwd_warps": 4},
-    "gated 16-bit states": {"gated_low_precision_states": True},
     "gated 16-bit states, bwd w4": {"gated_low_precision_states": True, "bwd_warps": 4},
-    "fused bwd w4 (no gate only)": {"fused_bwd": True},
-    "fused bwd w8 (no gate only)": {"fused_bwd": True, "fused_bwd_warps": 8},
+    "fused bwd w8 (no gate only)": {"fused_bwd_warps": 8},
 }
 
 

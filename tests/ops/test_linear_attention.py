@@ -619,10 +619,15 @@ def test_triton_launch_paths_gpu(gate: str | None, path: str, dtype: torch.dtype
     """Both forward paths and both gradient tile widths at a real size (the size rule picks one of each), and the
     gated kernels reading 16-bit chunk states."""
     if path == "fused":
-        tuning.update(fused_fwd=True, fused_min_programs=1, bwd_bk=128, bwd_bv=128)
+        tuning.update(fused_fwd=True, fused_min_programs=1, bwd_bk=128, bwd_bv=128, fused_bwd=False)
     elif path == "split":
         tuning.update(
-            fused_fwd=False, bwd_bk=64, bwd_bv=64, low_precision_states=False, gated_low_precision_states=False
+            fused_fwd=False,
+            bwd_bk=64,
+            bwd_bv=64,
+            low_precision_states=False,
+            gated_low_precision_states=False,
+            fused_bwd=False,
         )
     elif path == "fused-backward":
         tuning.update(fused_bwd=True, fused_min_programs=1)
