@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import math
 import multiprocessing as mp
 import sys
 import time
@@ -21,6 +22,26 @@ import time
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _two_pass_configs(args) -> list[dict]:
+    """Pass 1 alone over its knobs, pass 2 alone over its knobs (``only_pass``), per ``N2``."""
+    out = []
+    for n2, bk, w1 in itertools.product(args.n2, args.bk, args.warps):
+        out.append({"kind": "two-pass", "only_pass": 1, "n2": n2, "config": (bk, 64, 64, w1, 4, 3)})
+    for n2, bm, bk2, w2, st in itertools.product(args.n2, args.bm, args.bk, args.warps, args.stages):
+        out.append({"kind": "two-pass", "only_pass": 2, "n2": n2, "config": (64, bm, bk2, 4, w2, st)})
+    return out
+
+
+def _call(u, k, skip, cfg: dict):
+    from tilewise.ops.fft_conv.triton import TwoPassConfig, fft_conv_triton_fwd, fft_conv_two_pass
+
+    kw = {key: v for key, v in cfg.items() if key != "kind"}
+    if cfg.get("kind") == "two-pass":
+        kw["config"] = TwoPassConfig(*kw["config"])
+        return fft_conv_two_pass(u, k, skip, **kw)
+    return fft_conv_triton_fwd(u, k, skip, **kw)
 
 
 def _configs(args) -> list[dict]:
@@ -33,6 +54,13 @@ def _configs(args) -> list[dict]:
 
 
 def _name(c: dict) -> str:
+    if c.get("kind") == "two-pass":
+        which = {1: "pass 1", 2: "pass 2", None: "both  "}[c.get("only_pass")]
+        bk, bm, bk2, w1, w2, st = c["config"]
+        knobs = f"BK={bk:>3} w={w1}" if c.get("only_pass") == 1 else f"BM={bm:>3} BK2={bk2:>3} w={w2} st={st}"
+        if c.get("only_pass") is None:
+            knobs = f"BK={bk:>3} w1={w1} BM={bm:>3} BK2={bk2:>3} w2={w2} st={st}"
+        return f"two-pass {which} N2={c['n2']:>3} {knobs}"
     rows = "pair" if c["pair"] else "row "
     return f"{c['precision']:>6} {rows} N2={c['n2']:>3} BK={c['block_k']:>2} st={c['num_stages']} w={c['num_warps']}"
 
@@ -41,7 +69,6 @@ def _warm(job: tuple[dict, str, int]) -> str:
     """Compile one configuration (a small launch with the timed shape's integer specialisations)."""
     cfg, dtype_name, n = job
     from tilewise.ops.fft_conv.reference import fft_conv_ref
-    from tilewise.ops.fft_conv.triton import fft_conv_triton_fwd
 
     t0 = time.time()
     try:
@@ -49,8 +76,10 @@ def _warm(job: tuple[dict, str, int]) -> str:
         u = torch.randn(2, 16, n, device="cuda").to(dtype)
         k = torch.randn(16, n, device="cuda").to(dtype)
         skip = torch.randn(16, device="cuda").to(dtype)
-        got = fft_conv_triton_fwd(u, k, skip, **cfg)
+        got = _call(u, k, skip, cfg)
         torch.cuda.synchronize()
+        if cfg.get("only_pass"):
+            return f"ok {time.time() - t0:.0f}s"
         want = fft_conv_ref(u.double(), k.double(), skip.double())
         err = float((got.double() - want).norm() / want.norm())
         return f"ok {time.time() - t0:.0f}s, small-case err {err:.1e}"
@@ -59,11 +88,13 @@ def _warm(job: tuple[dict, str, int]) -> str:
 
 
 def _stats() -> dict:
-    """Compiled kernels of the convolution kernel so far: cache key -> (regs, spills, shared bytes)."""
-    from tilewise.ops.fft_conv.triton import _fft_conv_kernel
+    """Compiled convolution kernels so far: cache key -> (regs, spills, shared bytes)."""
+    from tilewise.ops.fft_conv import triton as tt
 
     found = {}
-    for cache in getattr(_fft_conv_kernel, "device_caches", {}).values():
+    kernels = (tt._fft_conv_kernel, tt._spectral_pass_kernel, tt._inverse_pass_kernel)
+    caches = [c for kern in kernels for c in getattr(kern, "device_caches", {}).values()]
+    for cache in caches:
         for key, kern in cache[0].items():
             # a kernel not yet loaded on the device has no register counts
             with contextlib.suppress(Exception):
@@ -75,7 +106,6 @@ def _sweep_dtype(args, dtype_name: str, configs: list[dict]) -> None:
     import triton
 
     from tilewise.ops.fft_conv.reference import fft_conv_ref
-    from tilewise.ops.fft_conv.triton import fft_conv_triton_fwd
 
     t0 = time.time()
     ctx = mp.get_context("spawn")
@@ -91,28 +121,55 @@ def _sweep_dtype(args, dtype_name: str, configs: list[dict]) -> None:
     want = fft_conv_ref(u.double(), k.double(), skip.double())
     base = triton.testing.do_bench(lambda: fft_conv_ref(u, k, skip), warmup=10, rep=200, return_mode="median")
     print(f"B={args.b} H={args.h} N={args.n} {dtype_name}: torch.fft forward {base:.3f} ms", flush=True)
+    length = 1 << (2 * args.n - 1).bit_length()
+
+    def prep():  # what the two-pass host does before its kernels: the kernel's spectrum and its bound
+        return torch.view_as_real(torch.fft.fft(k.float(), n=length)).abs().amax(dim=(1, 2))
+
+    ms = triton.testing.do_bench(prep, warmup=10, rep=100, return_mode="median")
+    print(f"two-pass host preparation (fft of k, bound): {ms:.3f} ms", flush=True)
     rows = []
     for cfg, w in zip(configs, warm, strict=True):
         if not w.startswith("ok"):
-            rows.append((float("inf"), f"{_name(cfg)}: not timed, its compile/launch said {w}"))
+            rows.append((float("inf"), f"{_name(cfg)}: not timed, its compile/launch said {w}", cfg))
             print(rows[-1][1], flush=True)
             continue
         before = set(_stats())
         try:
-            got = fft_conv_triton_fwd(u, k, skip, **cfg)
-            err = float((got.double() - want).norm() / want.norm())
+            got = _call(u, k, skip, cfg)
+            err = math.nan if cfg.get("only_pass") else float((got.double() - want).norm() / want.norm())
             ms = triton.testing.do_bench(
-                lambda cfg=cfg: fft_conv_triton_fwd(u, k, skip, **cfg), warmup=5, rep=100, return_mode="median"
+                lambda cfg=cfg: _call(u, k, skip, cfg), warmup=5, rep=100, return_mode="median"
             )
             new = [v for key, v in _stats().items() if key not in before]
             res = f"regs {new[0][0]} spill {new[0][1]} smem {new[0][2] // 1024}K" if new else ""
-            rows.append((ms, f"{_name(cfg)}: {ms:7.3f} ms  x{base / ms:5.2f}  err {err:.2e}  {res}  ({w})"))
+            rows.append((ms, f"{_name(cfg)}: {ms:7.3f} ms  x{base / ms:5.2f}  err {err:.2e}  {res}  ({w})", cfg))
         except Exception as e:  # not compiled / does not fit: report and go on
-            rows.append((float("inf"), f"{_name(cfg)}: {type(e).__name__}: {str(e)[:90]}"))
+            rows.append((float("inf"), f"{_name(cfg)}: {type(e).__name__}: {str(e)[:90]}", cfg))
         print(rows[-1][1], flush=True)
     print(f"\n{dtype_name} sorted:")
-    for _, line in sorted(rows, key=lambda r: r[0]):
+    for _, line, _ in sorted(rows, key=lambda r: r[0]):
         print("  " + line)
+    if args.two_pass:
+        # the best pass 1 and the best pass 2 of each N2, run together, with the error of the whole
+        print(f"\n{dtype_name} two-pass, best pass 1 + best pass 2 per N2:")
+        for n2 in args.n2:
+            best = {}
+            for ms, _, cfg in sorted(rows, key=lambda r: r[0]):
+                if cfg["n2"] == n2 and ms < math.inf:
+                    best.setdefault(cfg["only_pass"], cfg["config"])
+            if len(best) < 2:
+                continue
+            both = {"kind": "two-pass", "n2": n2, "config": best[1][:1] + best[2][1:3] + best[1][3:4] + best[2][4:]}
+            try:
+                got = _call(u, k, skip, both)
+                err = float((got.double() - want).norm() / want.norm())
+                ms = triton.testing.do_bench(
+                    lambda both=both: _call(u, k, skip, both), warmup=5, rep=200, return_mode="median"
+                )
+                print(f"  {_name(both)}: {ms:7.3f} ms  x{base / ms:5.2f}  err {err:.2e}")
+            except Exception as e:  # reported, not fatal
+                print(f"  {_name(both)}: {type(e).__name__}: {str(e)[:90]}")
     sys.stdout.flush()
 
 
@@ -128,12 +185,17 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--n2", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--pair-only", action="store_true")
+    parser.add_argument("--two-pass", action="store_true", help="sweep the two-pass kernels instead of the fused one")
+    parser.add_argument("--bm", type=int, nargs="+", default=[64, 128], help="two-pass: output rows per program")
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling at once")
     args = parser.parse_args()
     import triton
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    configs = [c for c in _configs(args) if c["pair"] or not args.pair_only]
+    if args.two_pass:
+        configs = _two_pass_configs(args)
+    else:
+        configs = [c for c in _configs(args) if c["pair"] or not args.pair_only]
     for dtype_name in args.dtype:
         _sweep_dtype(args, dtype_name, configs)
 
