@@ -273,60 +273,69 @@ def _spectral_pass_kernel(
     N1: tl.constexpr,
     N2: tl.constexpr,
     BK: tl.constexpr,
+    GP: tl.constexpr,
     CONJ: tl.constexpr,
     HAS_SKIP: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """First pass of the two-pass convolution: rows ``k1`` of block ``program_id(1)`` of
-    ``D = ((((F_N1 A) ∘ T) F_N2 ∘ K) conj(F_N2)) ∘ conj(T) / DSCALE`` for the pair of rows ``b, b + 1`` of
-    channel ``h`` (one complex signal, as :func:`_fft_conv_kernel`), stored in float16 to ``d [P, 2, N1, N2]``.
+    ``D = ((((F_N1 A) ∘ T) F_N2 ∘ K) conj(F_N2)) ∘ conj(T) / DSCALE`` for up to ``GP`` pairs of rows ``b, b + 1``
+    of channel ``program_id(0)`` (each pair one complex signal, as :func:`_fft_conv_kernel`; group
+    ``program_id(2)`` of the channel's pairs), stored in float16 to ``d [P, 2, N1, N2]`` (pair ``p = h NB2 + b / 2``).
 
-    ``K = (DFT_L(k[h]) + skip[h]) kinv[h]`` in the permuted order, gathered from ``spec``, the natural-order
-    spectrum ``[H, L]`` as (re, im) pairs (``skip`` times a unit impulse has the constant spectrum ``skip``).
-    ``kinv[h]`` bounds every component of ``K`` by 1, and the rows are divided by their largest magnitude ``m``
-    (float16's range, README.md); ``dscale[p] = m kback[h] DSCALE`` (``kback = 1 / (L kinv)``, the 1/L of the
-    inverse folded in) is what the second pass multiplies back. No output tile lives here, so the block of the
-    spectrum is the only large live value.
+    The program loads its block of ``F_N1``, the twiddles, ``F_N2`` and the kernel's spectrum once for all its
+    pairs. ``K = (DFT_L(k[h]) + skip[h]) kinv[h]`` in the permuted order is gathered from ``spec``, torch's
+    one-sided ``rfft`` ``[H, L/2 + 1]`` as (re, im) pairs, mirrored (``X[f] = conj(X[L - f])``) above ``L/2``
+    (``skip`` times a unit impulse has the constant spectrum ``skip``). ``kinv[h]`` bounds every component of ``K``
+    by 1 and each pair is divided by its largest magnitude ``m`` (float16's range, README.md);
+    ``dscale[p] = m kback[h] DSCALE`` (``kback = 1 / (L kinv)``, the 1/L of the inverse folded in) is what the
+    second pass multiplies back.
     """
     N1H: tl.constexpr = N1 // 2
     DSCALE: tl.constexpr = N2 * 4
-    i_p = tl.program_id(0).to(tl.int64)
+    L: tl.constexpr = N1 * N2
+    i_h = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
+    i_g = tl.program_id(2)
     NB2 = (B + 1) // 2
-    i_h, i_b = i_p // NB2, (i_p % NB2) * 2
-    o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    m_t = o_t < N
-    p_x = x + (i_b * H + i_h) * N + o_t
-    b_xr = tl.load(p_x, mask=m_t, other=0.0).to(tl.float32)
-    m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
-    b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
-    b_m = tl.maximum(tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0), tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
-    b_m = tl.where(b_m > 0, b_m, 1.0)
-    b_xr = _to_operand(b_xr / b_m, PREC)
-    b_xi = _to_operand(b_xi / b_m, PREC)
     b_f2r, b_f2i = _load_f2(f2, N2)
     b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
-    b_br, b_bi = _cdot(b_f1r, b_f1i, b_xr, b_xi, PREC)
-    b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr, b_ti, b_f2r, b_f2i, PREC)
     o_k1 = i_k * BK + tl.arange(0, BK)
     o_k2 = tl.arange(0, N2)
-    # C[k1, k2] is frequency k1 + N1 k2: a column of the block is BK consecutive frequencies
-    p_k = spec + i_h * (2 * N1 * N2) + 2 * (o_k1[:, None] + N1 * o_k2[None, :])
+    # C[k1, k2] is frequency f = k1 + N1 k2: a column of the block is BK consecutive frequencies
+    o_f = o_k1[:, None] + N1 * o_k2[None, :]
+    mirrored = o_f > L // 2
+    p_k = spec + i_h * (L + 2) + 2 * tl.where(mirrored, L - o_f, o_f)
+    b_kinv = tl.load(kinv + i_h)
     b_kr = tl.load(p_k)
     if HAS_SKIP:
         b_kr += tl.load(skip + i_h).to(tl.float32)
-    b_ki = tl.load(p_k + 1)
-    b_kinv = tl.load(kinv + i_h)
-    if CONJ:
-        b_kinv_i = -b_kinv
-    else:
-        b_kinv_i = b_kinv
-    b_cr, b_ci = _cmul(b_cr, b_ci, b_kr * b_kinv, b_ki * b_kinv_i)
-    b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC)
-    p_d = d + i_p * (2 * N1 * N2) + o_k1[:, None] * N2 + o_k2[None, :]
-    tl.store(p_d, (b_dr * (1.0 / DSCALE)).to(d.dtype.element_ty))
-    tl.store(p_d + N1 * N2, (b_di * (1.0 / DSCALE)).to(d.dtype.element_ty))
-    tl.store(dscale + i_p, b_m * tl.load(kback + i_h) * DSCALE, mask=i_k == 0)
+    b_kr *= b_kinv
+    # conj for the mirrored half, and once more for the correlation
+    b_ki = tl.load(p_k + 1) * tl.where(mirrored != CONJ, -b_kinv, b_kinv)
+    b_back = tl.load(kback + i_h) * DSCALE
+    o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    m_t = o_t < N
+    o_d = o_k1[:, None] * N2 + o_k2[None, :]
+    for i_q in range(0, GP):
+        i_pb = i_g * GP + i_q
+        if i_pb < NB2:
+            i_b = i_pb * 2
+            p_x = x + (i_b * H + i_h) * N + o_t
+            b_xr = tl.load(p_x, mask=m_t, other=0.0).to(tl.float32)
+            m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
+            b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
+            b_m = tl.maximum(tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0), tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
+            b_m = tl.where(b_m > 0, b_m, 1.0)
+            b_br, b_bi = _cdot(b_f1r, b_f1i, _to_operand(b_xr / b_m, PREC), _to_operand(b_xi / b_m, PREC), PREC)
+            b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr, b_ti, b_f2r, b_f2i, PREC)
+            b_cr, b_ci = _cmul(b_cr, b_ci, b_kr, b_ki)
+            b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC)
+            i_p = i_h * NB2 + i_pb
+            p_d = d + i_p * (2 * N1 * N2) + o_d
+            tl.store(p_d, (b_dr * (1.0 / DSCALE)).to(d.dtype.element_ty))
+            tl.store(p_d + N1 * N2, (b_di * (1.0 / DSCALE)).to(d.dtype.element_ty))
+            tl.store(dscale + i_p, b_m * b_back, mask=i_k == 0)
 
 
 @triton.jit
@@ -341,41 +350,44 @@ def _inverse_pass_kernel(
     N1: tl.constexpr,
     N2: tl.constexpr,
     BM: tl.constexpr,
-    BK: tl.constexpr,
+    GP: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Second pass: rows ``n1`` of block ``program_id(1)`` (``BM`` of the ``N1 / 2`` that hold output) of
-    ``Y = conj(F_N1)[:N1/2, :] @ D`` for pair ``p``, a complex matrix product over all ``N1`` rows ``k1`` of ``d``
-    in blocks of ``BK``; ``Re Y`` and ``Im Y`` times ``dscale[p]`` are the two rows' outputs."""
-    i_p = tl.program_id(0).to(tl.int64)
+    ``Y = conj(F_N1)[:N1/2, :] @ D`` for up to ``GP`` pairs of channel ``program_id(0)`` (group ``program_id(2)``),
+    one complex matrix product over all ``N1`` rows ``k1`` of ``d`` a pair; ``Re Y`` and ``Im Y`` times
+    ``dscale[p]`` are the pair's two outputs. The rows of ``conj(F_N1)`` are loaded once for all the pairs."""
+    i_h = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1)
+    i_g = tl.program_id(2)
     NB2 = (B + 1) // 2
-    i_h, i_b = i_p // NB2, (i_p % NB2) * 2
     o_m = i_m * BM + tl.arange(0, BM)
     o_n2 = tl.arange(0, N2)
-    b_yr = tl.zeros([BM, N2], dtype=tl.float32)
-    b_yi = tl.zeros([BM, N2], dtype=tl.float32)
-    for i_k in range(0, N1 // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        # conj(F1)[n1, k1] = F1[k1, n1]* (F1 symmetric): re = F1r, im = -F1i
-        p_g = f1 + o_m[:, None] * N1 + o_k[None, :]
-        b_gr = tl.load(p_g)
-        b_gi = tl.load(p_g + N1 * N1)
-        p_d = d + i_p * (2 * N1 * N2) + o_k[:, None] * N2 + o_n2[None, :]
-        b_dr = tl.load(p_d)
-        b_di = tl.load(p_d + N1 * N2)
-        # Y = (Gr - i Gi)(Dr + i Di): re = Gr Dr + Gi Di, im = Gr Di - Gi Dr
-        b_yr = _mm(b_gr, b_dr, b_yr, PREC)
-        b_yr = _mm(b_gi, b_di, b_yr, PREC)
-        b_yi = _mm(b_gr, b_di, b_yi, PREC)
-        b_yi = _mm(-b_gi, b_dr, b_yi, PREC)
-    b_s = tl.load(dscale + i_p)
+    o_k = tl.arange(0, N1)
+    # conj(F1)[n1, k1] = F1[k1, n1]* (F1 symmetric): re = F1r, im = -F1i
+    p_g = f1 + o_m[:, None] * N1 + o_k[None, :]
+    b_gr = tl.load(p_g)
+    b_gi = tl.load(p_g + N1 * N1)
+    b_ngi = -b_gi
     o_t = o_m[:, None] * N2 + o_n2[None, :]
     m_t = o_t < N
-    p_y = y + (i_b * H + i_h) * N + o_t
-    tl.store(p_y, (b_yr * b_s).to(y.dtype.element_ty), mask=m_t)
-    m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
-    tl.store(p_y + H * N, (b_yi * b_s).to(y.dtype.element_ty), mask=m_t2)
+    o_d = o_k[:, None] * N2 + o_n2[None, :]
+    for i_q in range(0, GP):
+        i_pb = i_g * GP + i_q
+        if i_pb < NB2:
+            i_b = i_pb * 2
+            i_p = i_h * NB2 + i_pb
+            p_d = d + i_p * (2 * N1 * N2) + o_d
+            b_dr = tl.load(p_d)
+            b_di = tl.load(p_d + N1 * N2)
+            # Y = (Gr - i Gi)(Dr + i Di): re = Gr Dr + Gi Di, im = Gr Di - Gi Dr
+            b_yr = _mm(b_gi, b_di, _mm(b_gr, b_dr, None, PREC), PREC)
+            b_yi = _mm(b_ngi, b_dr, _mm(b_gr, b_di, None, PREC), PREC)
+            b_s = tl.load(dscale + i_p)
+            p_y = y + (i_b * H + i_h) * N + o_t
+            tl.store(p_y, (b_yr * b_s).to(y.dtype.element_ty), mask=m_t)
+            m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
+            tl.store(p_y + H * N, (b_yi * b_s).to(y.dtype.element_ty), mask=m_t2)
 
 
 @triton.jit
@@ -637,14 +649,15 @@ def fft_conv_triton_fwd(
 
 class TwoPassConfig(NamedTuple):
     """Launch configuration of the two-pass convolution: rows ``k1`` per first-pass program, output rows ``n1``
-    per second-pass program and its ``k1`` step, warps and pipelining stages of each pass."""
+    per second-pass program, pairs of rows per program (both passes), warps of each pass and pipelining stages of
+    the second."""
 
     block_k: int = 64
     block_m: int = 64
-    block_k2: int = 64
+    pairs: int = 4
     warps1: int = 4
     warps2: int = 4
-    stages2: int = 3
+    stages2: int = 2
 
 
 def fft_conv_two_pass(
@@ -681,27 +694,29 @@ def fft_conv_two_pass(
     length, on_device = _launch_options(u)
     n1, n2 = _factors(length, n2)
     prec = "fp16" if u.device.type == "cuda" else "fp16emu"
-    bk, bm, bk2 = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2), min(cfg.block_k2, n1)
-    spec = torch.view_as_real(torch.fft.fft(k.float(), n=length))
-    # every component of DFT(k) + skip is at most max|component of DFT(k)| + |skip| (1 for an all-zero channel)
-    bound = spec.abs().amax(dim=(1, 2))
+    bk, bm = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2)
+    spec = torch.view_as_real(torch.fft.rfft(k.float(), n=length))
+    # every component of DFT(k) + skip is at most sum |k| + |skip| (1 for an all-zero channel)
+    bound = k.float().abs().sum(-1)
     if skip is not None:
         bound = bound + skip.float().abs()
     bound = torch.where(bound > 0, bound, torch.ones_like(bound))
     kinv, kback = 1.0 / bound, bound / length
     f1, f2, tw = _constants(length, u.device, torch.float16, n2)
-    pairs = h * ((b + 1) // 2)
-    d = torch.empty((pairs, 2, n1, n2), dtype=torch.float16, device=u.device)
-    dscale = torch.empty((pairs,), dtype=torch.float32, device=u.device)
+    nb2 = (b + 1) // 2
+    gp = min(cfg.pairs, nb2)
+    groups = triton.cdiv(nb2, gp)
+    d = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=u.device)
+    dscale = torch.empty((h * nb2,), dtype=torch.float32, device=u.device)
     with on_device:
         if only_pass != 2:
-            _spectral_pass_kernel[(pairs, n1 // bk)](
+            _spectral_pass_kernel[(h, n1 // bk, groups)](
                 u, spec, kinv, kback, skip if skip is not None else kinv, d, dscale, f1, f2, tw, b, h, n, N1=n1,
-                N2=n2, BK=bk, CONJ=correlate, HAS_SKIP=skip is not None, PREC=prec, num_warps=cfg.warps1,
+                N2=n2, BK=bk, GP=gp, CONJ=correlate, HAS_SKIP=skip is not None, PREC=prec, num_warps=cfg.warps1,
             )  # fmt: skip
         if only_pass != 1:
-            _inverse_pass_kernel[(pairs, n1 // 2 // bm)](
-                d, dscale, out, f1, b, h, n, N1=n1, N2=n2, BM=bm, BK=bk2, PREC=prec, num_warps=cfg.warps2,
+            _inverse_pass_kernel[(h, n1 // 2 // bm, groups)](
+                d, dscale, out, f1, b, h, n, N1=n1, N2=n2, BM=bm, GP=gp, PREC=prec, num_warps=cfg.warps2,
                 num_stages=cfg.stages2,
             )  # fmt: skip
     PATHS[f"triton two-pass L={length} ({n1}x{n2}) {cfg} fp16"] += 1
