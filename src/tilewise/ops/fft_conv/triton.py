@@ -258,9 +258,7 @@ def _fft_conv_kernel(
 @triton.jit
 def _spectral_pass_kernel(
     x,
-    spec,
-    kinv,
-    kback,
+    kk,
     skip,
     d,
     dscale,
@@ -280,43 +278,47 @@ def _spectral_pass_kernel(
 ):
     """First pass of the two-pass convolution: rows ``k1`` of block ``program_id(1)`` of
     ``D = ((((F_N1 A) ∘ T) F_N2 ∘ K) conj(F_N2)) ∘ conj(T) / DSCALE`` for up to ``GP`` pairs of rows ``b, b + 1``
-    of channel ``program_id(0)`` (each pair one complex signal, as :func:`_fft_conv_kernel`; group
+    of channel ``h = program_id(0)`` (each pair one complex signal, as :func:`_fft_conv_kernel`; group
     ``program_id(2)`` of the channel's pairs), stored in float16 to ``d [P, 2, N1, N2]`` (pair ``p = h NB2 + b / 2``).
 
-    The program loads its block of ``F_N1``, the twiddles, ``F_N2`` and the kernel's spectrum once for all its
-    pairs. ``K = (DFT_L(k[h]) + skip[h]) kinv[h]`` in the permuted order is gathered from ``spec``, torch's
-    one-sided ``rfft`` ``[H, L/2 + 1]`` as (re, im) pairs, mirrored (``X[f] = conj(X[L - f])``) above ``L/2``
-    (``skip`` times a unit impulse has the constant spectrum ``skip``). ``kinv[h]`` bounds every component of ``K``
-    by 1 and each pair is divided by its largest magnitude ``m`` (float16's range, README.md);
-    ``dscale[p] = m kback[h] DSCALE`` (``kback = 1 / (L kinv)``, the 1/L of the inverse folded in) is what the
-    second pass multiplies back.
+    The program first makes its block of the kernel's spectrum from the row ``kk[h]`` with the same products:
+    ``K = (DFT_L(k[h]) + skip[h]) / bound``, ``bound = sum |k[h]| + |skip[h]|`` (``skip`` times a unit impulse has
+    the constant spectrum ``skip``), so every component of ``K`` is at most 1; ``K`` and the twiddles stay in
+    registers in float16 for all the pairs. Each pair is divided by its largest magnitude ``m`` (float16's range,
+    README.md); ``dscale[p] = m bound DSCALE / L`` (the 1/L of the inverse folded in) is what the second pass
+    multiplies back.
     """
     N1H: tl.constexpr = N1 // 2
     DSCALE: tl.constexpr = N2 * 4
-    L: tl.constexpr = N1 * N2
     i_h = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
     i_g = tl.program_id(2)
     NB2 = (B + 1) // 2
     b_f2r, b_f2i = _load_f2(f2, N2)
     b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
-    o_k1 = i_k * BK + tl.arange(0, BK)
-    o_k2 = tl.arange(0, N2)
-    # C[k1, k2] is frequency f = k1 + N1 k2: a column of the block is BK consecutive frequencies
-    o_f = o_k1[:, None] + N1 * o_k2[None, :]
-    mirrored = o_f > L // 2
-    p_k = spec + i_h * (L + 2) + 2 * tl.where(mirrored, L - o_f, o_f)
-    b_kinv = tl.load(kinv + i_h)
-    b_kr = tl.load(p_k)
-    if HAS_SKIP:
-        b_kr += tl.load(skip + i_h).to(tl.float32)
-    b_kr *= b_kinv
-    # conj for the mirrored half, and once more for the correlation
-    b_ki = tl.load(p_k + 1) * tl.where(mirrored != CONJ, -b_kinv, b_kinv)
-    b_back = tl.load(kback + i_h) * DSCALE
     o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
     m_t = o_t < N
-    o_d = o_k1[:, None] * N2 + o_k2[None, :]
+    # the kernel's spectrum, rows k1 of this block (permuted order), from its real row
+    b_k = tl.load(kk + i_h * N + o_t, mask=m_t, other=0.0).to(tl.float32)
+    b_kmax = tl.max(tl.max(tl.abs(b_k), axis=1), axis=0)
+    b_kmax = tl.where(b_kmax > 0, b_kmax, 1.0)
+    b_bound = tl.sum(tl.sum(tl.abs(b_k), axis=1), axis=0)
+    b_k = _to_operand(b_k / b_kmax, PREC)
+    b_kr, b_ki = _finish_spectrum(
+        _mm(b_f1r, b_k, None, PREC), _mm(b_f1i, b_k, None, PREC), b_tr, b_ti, b_f2r, b_f2i, PREC
+    )
+    b_kr *= b_kmax
+    if HAS_SKIP:
+        b_s = tl.load(skip + i_h).to(tl.float32)
+        b_kr += b_s
+        b_bound += tl.abs(b_s)
+    b_bound = tl.where(b_bound > 0, b_bound, 1.0)
+    b_kr = (b_kr / b_bound).to(tl.float16)
+    b_ki = (b_ki * tl.where(CONJ, -b_kmax / b_bound, b_kmax / b_bound)).to(tl.float16)
+    b_tr = b_tr.to(tl.float16)
+    b_ti = b_ti.to(tl.float16)
+    b_back = b_bound * (DSCALE / (N1 * N2))
+    o_d = (i_k * BK + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
     for i_q in range(0, GP):
         i_pb = i_g * GP + i_q
         if i_pb < NB2:
@@ -328,9 +330,9 @@ def _spectral_pass_kernel(
             b_m = tl.maximum(tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0), tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
             b_m = tl.where(b_m > 0, b_m, 1.0)
             b_br, b_bi = _cdot(b_f1r, b_f1i, _to_operand(b_xr / b_m, PREC), _to_operand(b_xi / b_m, PREC), PREC)
-            b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr, b_ti, b_f2r, b_f2i, PREC)
-            b_cr, b_ci = _cmul(b_cr, b_ci, b_kr, b_ki)
-            b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC)
+            b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
+            b_cr, b_ci = _cmul(b_cr, b_ci, b_kr.to(tl.float32), b_ki.to(tl.float32))
+            b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
             i_p = i_h * NB2 + i_pb
             p_d = d + i_p * (2 * N1 * N2) + o_d
             tl.store(p_d, (b_dr * (1.0 / DSCALE)).to(d.dtype.element_ty))
@@ -695,13 +697,6 @@ def fft_conv_two_pass(
     n1, n2 = _factors(length, n2)
     prec = "fp16" if u.device.type == "cuda" else "fp16emu"
     bk, bm = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2)
-    spec = torch.view_as_real(torch.fft.rfft(k.float(), n=length))
-    # every component of DFT(k) + skip is at most sum |k| + |skip| (1 for an all-zero channel)
-    bound = k.float().abs().sum(-1)
-    if skip is not None:
-        bound = bound + skip.float().abs()
-    bound = torch.where(bound > 0, bound, torch.ones_like(bound))
-    kinv, kback = 1.0 / bound, bound / length
     f1, f2, tw = _constants(length, u.device, torch.float16, n2)
     nb2 = (b + 1) // 2
     gp = min(cfg.pairs, nb2)
@@ -711,8 +706,8 @@ def fft_conv_two_pass(
     with on_device:
         if only_pass != 2:
             _spectral_pass_kernel[(h, n1 // bk, groups)](
-                u, spec, kinv, kback, skip if skip is not None else kinv, d, dscale, f1, f2, tw, b, h, n, N1=n1,
-                N2=n2, BK=bk, GP=gp, CONJ=correlate, HAS_SKIP=skip is not None, PREC=prec, num_warps=cfg.warps1,
+                u, k, skip if skip is not None else k, d, dscale, f1, f2, tw, b, h, n, N1=n1, N2=n2, BK=bk, GP=gp,
+                CONJ=correlate, HAS_SKIP=skip is not None, PREC=prec, num_warps=cfg.warps1,
             )  # fmt: skip
         if only_pass != 1:
             _inverse_pass_kernel[(h, n1 // 2 // bm, groups)](
