@@ -278,8 +278,9 @@ def _spectral_pass_kernel(
 ):
     """First pass of the two-pass convolution: rows ``k1`` of block ``program_id(1)`` of
     ``D = ((((F_N1 A) ∘ T) F_N2 ∘ K) conj(F_N2)) ∘ conj(T) / DSCALE`` for up to ``GP`` pairs of rows ``b, b + 1``
-    of channel ``h = program_id(0)`` (each pair one complex signal, as :func:`_fft_conv_kernel`; group
-    ``program_id(2)`` of the channel's pairs), stored in float16 to ``d [P, 2, N1, N2]`` (pair ``p = h NB2 + b / 2``).
+    of channel ``h = program_id(1)`` (each pair one complex signal, as :func:`_fft_conv_kernel`; group
+    ``program_id(2)`` of the channel's pairs), stored in float16 to ``d [P, 2, N1, N2]`` (pair ``p = h NB2 + b / 2``;
+    the block is ``program_id(0)``).
 
     The program first makes its block of the kernel's spectrum from the row ``kk[h]`` with the same products:
     ``K = (DFT_L(k[h]) + skip[h]) / bound``, ``bound = sum |k[h]| + |skip[h]|`` (``skip`` times a unit impulse has
@@ -290,8 +291,9 @@ def _spectral_pass_kernel(
     """
     N1H: tl.constexpr = N1 // 2
     DSCALE: tl.constexpr = N2 * 4
-    i_h = tl.program_id(0).to(tl.int64)
-    i_k = tl.program_id(1)
+    # the blocks of k1 of one group of pairs are neighbours in the launch order, so they share its rows via L2
+    i_k = tl.program_id(0)
+    i_h = tl.program_id(1).to(tl.int64)
     i_g = tl.program_id(2)
     NB2 = (B + 1) // 2
     b_f2r, b_f2i = _load_f2(f2, N2)
@@ -352,44 +354,41 @@ def _inverse_pass_kernel(
     N1: tl.constexpr,
     N2: tl.constexpr,
     BM: tl.constexpr,
-    GP: tl.constexpr,
+    BK: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Second pass: rows ``n1`` of block ``program_id(1)`` (``BM`` of the ``N1 / 2`` that hold output) of
-    ``Y = conj(F_N1)[:N1/2, :] @ D`` for up to ``GP`` pairs of channel ``program_id(0)`` (group ``program_id(2)``),
-    one complex matrix product over all ``N1`` rows ``k1`` of ``d`` a pair; ``Re Y`` and ``Im Y`` times
-    ``dscale[p]`` are the pair's two outputs. The rows of ``conj(F_N1)`` are loaded once for all the pairs."""
-    i_h = tl.program_id(0).to(tl.int64)
-    i_m = tl.program_id(1)
-    i_g = tl.program_id(2)
+    """Second pass: rows ``n1`` of block ``program_id(0)`` (``BM`` of the ``N1 / 2`` that hold output) of
+    ``Y = conj(F_N1)[:N1/2, :] @ D`` for pair ``p = program_id(1)``, a complex matrix product over the ``N1`` rows
+    ``k1`` of ``d`` in steps of ``BK``; ``Re Y`` and ``Im Y`` times ``dscale[p]`` are the pair's two outputs."""
+    i_m = tl.program_id(0)
+    i_p = tl.program_id(1).to(tl.int64)
     NB2 = (B + 1) // 2
+    i_h, i_b = i_p // NB2, (i_p % NB2) * 2
     o_m = i_m * BM + tl.arange(0, BM)
     o_n2 = tl.arange(0, N2)
-    o_k = tl.arange(0, N1)
-    # conj(F1)[n1, k1] = F1[k1, n1]* (F1 symmetric): re = F1r, im = -F1i
-    p_g = f1 + o_m[:, None] * N1 + o_k[None, :]
-    b_gr = tl.load(p_g)
-    b_gi = tl.load(p_g + N1 * N1)
-    b_ngi = -b_gi
+    b_yr = tl.zeros([BM, N2], dtype=tl.float32)
+    b_yi = tl.zeros([BM, N2], dtype=tl.float32)
+    for i_k in range(0, N1 // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        # conj(F1)[n1, k1] = F1[k1, n1]* (F1 symmetric): re = F1r, im = -F1i
+        p_g = f1 + o_m[:, None] * N1 + o_k[None, :]
+        b_gr = tl.load(p_g)
+        b_gi = tl.load(p_g + N1 * N1)
+        p_d = d + i_p * (2 * N1 * N2) + o_k[:, None] * N2 + o_n2[None, :]
+        b_dr = tl.load(p_d)
+        b_di = tl.load(p_d + N1 * N2)
+        # Y = (Gr - i Gi)(Dr + i Di): re = Gr Dr + Gi Di, im = Gr Di - Gi Dr
+        b_yr = _mm(b_gr, b_dr, b_yr, PREC)
+        b_yr = _mm(b_gi, b_di, b_yr, PREC)
+        b_yi = _mm(b_gr, b_di, b_yi, PREC)
+        b_yi = _mm(-b_gi, b_dr, b_yi, PREC)
+    b_s = tl.load(dscale + i_p)
     o_t = o_m[:, None] * N2 + o_n2[None, :]
     m_t = o_t < N
-    o_d = o_k[:, None] * N2 + o_n2[None, :]
-    for i_q in range(0, GP):
-        i_pb = i_g * GP + i_q
-        if i_pb < NB2:
-            i_b = i_pb * 2
-            i_p = i_h * NB2 + i_pb
-            p_d = d + i_p * (2 * N1 * N2) + o_d
-            b_dr = tl.load(p_d)
-            b_di = tl.load(p_d + N1 * N2)
-            # Y = (Gr - i Gi)(Dr + i Di): re = Gr Dr + Gi Di, im = Gr Di - Gi Dr
-            b_yr = _mm(b_gi, b_di, _mm(b_gr, b_dr, None, PREC), PREC)
-            b_yi = _mm(b_ngi, b_dr, _mm(b_gr, b_di, None, PREC), PREC)
-            b_s = tl.load(dscale + i_p)
-            p_y = y + (i_b * H + i_h) * N + o_t
-            tl.store(p_y, (b_yr * b_s).to(y.dtype.element_ty), mask=m_t)
-            m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
-            tl.store(p_y + H * N, (b_yi * b_s).to(y.dtype.element_ty), mask=m_t2)
+    p_y = y + (i_b * H + i_h) * N + o_t
+    tl.store(p_y, (b_yr * b_s).to(y.dtype.element_ty), mask=m_t)
+    m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
+    tl.store(p_y + H * N, (b_yi * b_s).to(y.dtype.element_ty), mask=m_t2)
 
 
 @triton.jit
@@ -651,14 +650,15 @@ def fft_conv_triton_fwd(
 
 class TwoPassConfig(NamedTuple):
     """Launch configuration of the two-pass convolution: rows ``k1`` per first-pass program, output rows ``n1``
-    per second-pass program, pairs of rows per program (both passes), warps of each pass and pipelining stages of
-    the second."""
+    per second-pass program and its step over ``k1``, pairs of rows per first-pass program, warps of each pass and
+    pipelining stages of the second."""
 
-    block_k: int = 64
-    block_m: int = 64
+    block_k: int = 128
+    block_m: int = 128
+    block_k2: int = 64
     pairs: int = 4
-    warps1: int = 4
-    warps2: int = 4
+    warps1: int = 8
+    warps2: int = 8
     stages2: int = 2
 
 
@@ -696,7 +696,7 @@ def fft_conv_two_pass(
     length, on_device = _launch_options(u)
     n1, n2 = _factors(length, n2)
     prec = "fp16" if u.device.type == "cuda" else "fp16emu"
-    bk, bm = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2)
+    bk, bm, bk2 = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2), min(cfg.block_k2, n1)
     f1, f2, tw = _constants(length, u.device, torch.float16, n2)
     nb2 = (b + 1) // 2
     gp = min(cfg.pairs, nb2)
@@ -705,13 +705,13 @@ def fft_conv_two_pass(
     dscale = torch.empty((h * nb2,), dtype=torch.float32, device=u.device)
     with on_device:
         if only_pass != 2:
-            _spectral_pass_kernel[(h, n1 // bk, groups)](
+            _spectral_pass_kernel[(n1 // bk, h, groups)](
                 u, k, skip if skip is not None else k, d, dscale, f1, f2, tw, b, h, n, N1=n1, N2=n2, BK=bk, GP=gp,
                 CONJ=correlate, HAS_SKIP=skip is not None, PREC=prec, num_warps=cfg.warps1,
             )  # fmt: skip
         if only_pass != 1:
-            _inverse_pass_kernel[(h, n1 // 2 // bm, groups)](
-                d, dscale, out, f1, b, h, n, N1=n1, N2=n2, BM=bm, GP=gp, PREC=prec, num_warps=cfg.warps2,
+            _inverse_pass_kernel[(n1 // 2 // bm, h * nb2)](
+                d, dscale, out, f1, b, h, n, N1=n1, N2=n2, BM=bm, BK=bk2, PREC=prec, num_warps=cfg.warps2,
                 num_stages=cfg.stages2,
             )  # fmt: skip
     PATHS[f"triton two-pass L={length} ({n1}x{n2}) {cfg} fp16"] += 1
