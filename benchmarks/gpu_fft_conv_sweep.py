@@ -28,9 +28,9 @@ def _two_pass_configs(args) -> list[dict]:
     """Pass 1 alone over its knobs, pass 2 alone over its knobs (``only_pass``), per ``N2``."""
     out = []
     for n2, bk, gp, w1 in itertools.product(args.n2, args.bk, args.pairs, args.warps):
-        out.append({"kind": "two-pass", "only_pass": 1, "n2": n2, "config": (bk, 128, 64, gp, w1, 8, 2)})
-    for n2, bm, bk2, w2, st in itertools.product(args.n2, args.bm, args.bk2, args.warps, args.stages):
-        out.append({"kind": "two-pass", "only_pass": 2, "n2": n2, "config": (128, bm, bk2, 4, 8, w2, st)})
+        out.append({"kind": "two-pass", "only_pass": 1, "n2": n2, "config": (bk, gp, 64, w1, 8, 2)})
+    for n2, bk2, w2, st in itertools.product(args.n2, args.bk2, args.warps, args.stages):
+        out.append({"kind": "two-pass", "only_pass": 2, "n2": n2, "config": (128, 4, bk2, 8, w2, st)})
     return out
 
 
@@ -56,10 +56,10 @@ def _configs(args) -> list[dict]:
 def _name(c: dict) -> str:
     if c.get("kind") == "two-pass":
         which = {1: "pass 1", 2: "pass 2", None: "both  "}[c.get("only_pass")]
-        bk, bm, bk2, gp, w1, w2, st = c["config"]
-        knobs = f"BK={bk:>3} GP={gp} w={w1}" if c.get("only_pass") == 1 else f"BM={bm:>3} BK2={bk2:>3} w={w2} st={st}"
+        bk, gp, bk2, w1, w2, st = c["config"]
+        knobs = f"BK={bk:>3} GP={gp} w={w1}" if c.get("only_pass") == 1 else f"BK2={bk2:>3} w={w2} st={st}"
         if c.get("only_pass") is None:
-            knobs = f"BK={bk:>3} GP={gp} w1={w1} BM={bm:>3} BK2={bk2:>3} w2={w2} st={st}"
+            knobs = f"BK={bk:>3} GP={gp} w1={w1} BK2={bk2:>3} w2={w2} st={st}"
         return f"two-pass {which} N2={c['n2']:>3} {knobs}"
     rows = "pair" if c["pair"] else "row "
     return f"{c['precision']:>6} {rows} N2={c['n2']:>3} BK={c['block_k']:>2} st={c['num_stages']} w={c['num_warps']}"
@@ -160,7 +160,7 @@ def _sweep_dtype(args, dtype_name: str, configs: list[dict]) -> None:
                     best.setdefault(cfg["only_pass"], cfg["config"])
             if len(best) < 2:
                 continue
-            both = {"kind": "two-pass", "n2": n2, "config": best[1][:1] + best[2][1:3] + best[1][3:5] + best[2][5:]}
+            both = {"kind": "two-pass", "n2": n2, "config": best[1][:2] + best[2][2:3] + best[1][3:4] + best[2][4:]}
             try:
                 got = _call(u, k, skip, both)
                 err = float((got.double() - want).norm() / want.norm())
@@ -186,7 +186,6 @@ def main() -> None:
     parser.add_argument("--n2", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--pair-only", action="store_true")
     parser.add_argument("--two-pass", action="store_true", help="sweep the two-pass kernels instead of the fused one")
-    parser.add_argument("--bm", type=int, nargs="+", default=[64, 128], help="two-pass: output rows per program")
     parser.add_argument("--pairs", type=int, nargs="+", default=[1, 4], help="two-pass: pairs of rows per program")
     parser.add_argument("--bk2", type=int, nargs="+", default=[32, 64], help="two-pass: second pass k1 step")
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling at once")

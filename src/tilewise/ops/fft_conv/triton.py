@@ -256,12 +256,10 @@ def _fft_conv_kernel(
 
 
 @triton.jit
-def _spectral_pass_kernel(
+def _forward_pass_kernel(
     x,
-    kk,
-    skip,
-    d,
-    dscale,
+    c,
+    cscale,
     f1,
     f2,
     tw,
@@ -272,117 +270,126 @@ def _spectral_pass_kernel(
     N2: tl.constexpr,
     BK: tl.constexpr,
     GP: tl.constexpr,
-    CONJ: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
+    PAIR: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """First pass of the two-pass convolution: rows ``k1`` of block ``program_id(1)`` of
-    ``D = ((((F_N1 A) ∘ T) F_N2 ∘ K) conj(F_N2)) ∘ conj(T) / DSCALE`` for up to ``GP`` pairs of rows ``b, b + 1``
-    of channel ``h = program_id(1)`` (each pair one complex signal, as :func:`_fft_conv_kernel`; group
-    ``program_id(2)`` of the channel's pairs), stored in float16 to ``d [P, 2, N1, N2]`` (pair ``p = h NB2 + b / 2``;
-    the block is ``program_id(0)``).
-
-    The program first makes its block of the kernel's spectrum from the row ``kk[h]`` with the same products:
-    ``K = (DFT_L(k[h]) + skip[h]) / bound``, ``bound = sum |k[h]| + |skip[h]|`` (``skip`` times a unit impulse has
-    the constant spectrum ``skip``), so every component of ``K`` is at most 1; ``K`` and the twiddles stay in
-    registers in float16 for all the pairs. Each pair is divided by its largest magnitude ``m`` (float16's range,
-    README.md); ``dscale[p] = m bound DSCALE / L`` (the 1/L of the inverse folded in) is what the second pass
-    multiplies back.
-    """
+    """Pass 1 of the split convolution: rows ``k1`` of block ``program_id(0)`` of the permuted spectrum
+    ``C = ((F_N1 A) ∘ T) F_N2`` of up to ``GP`` signals of channel ``h = program_id(1)`` (group ``program_id(2)``),
+    stored in float16 to ``c [S, 2, N1, N2]``. With ``PAIR`` a signal is two rows ``b, b + 1`` as one complex
+    signal (as :func:`_fft_conv_kernel`; ``S = H ceil(B / 2)``, signal ``s = h ceil(B / 2) + b / 2``), without it one
+    real row (``S = B H``, ``s = h B + b``: the kernel ``k`` is this with ``B = 1``). Each signal is divided by its
+    largest magnitude, stored in ``cscale[s]``, so every component of ``C`` stays under ``sqrt(2) N1 N2 / 2``
+    (float16's range at ``L <= 16384``, README.md). The blocks of one group are adjacent in the launch order, so the
+    signals' rows are read from HBM once; ``F_N1``'s block, the twiddles and ``F_N2`` are loaded once a program."""
     N1H: tl.constexpr = N1 // 2
-    DSCALE: tl.constexpr = N2 * 4
-    # the blocks of k1 of one group of pairs are neighbours in the launch order, so they share its rows via L2
     i_k = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
     i_g = tl.program_id(2)
-    NB2 = (B + 1) // 2
+    NS = (B + 1) // 2 if PAIR else B
     b_f2r, b_f2i = _load_f2(f2, N2)
     b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
-    o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    m_t = o_t < N
-    # the kernel's spectrum, rows k1 of this block (permuted order), from its real row
-    b_k = tl.load(kk + i_h * N + o_t, mask=m_t, other=0.0).to(tl.float32)
-    b_kmax = tl.max(tl.max(tl.abs(b_k), axis=1), axis=0)
-    b_kmax = tl.where(b_kmax > 0, b_kmax, 1.0)
-    b_bound = tl.sum(tl.sum(tl.abs(b_k), axis=1), axis=0)
-    b_k = _to_operand(b_k / b_kmax, PREC)
-    b_kr, b_ki = _finish_spectrum(
-        _mm(b_f1r, b_k, None, PREC), _mm(b_f1i, b_k, None, PREC), b_tr, b_ti, b_f2r, b_f2i, PREC
-    )
-    b_kr *= b_kmax
-    if HAS_SKIP:
-        b_s = tl.load(skip + i_h).to(tl.float32)
-        b_kr += b_s
-        b_bound += tl.abs(b_s)
-    b_bound = tl.where(b_bound > 0, b_bound, 1.0)
-    b_kr = (b_kr / b_bound).to(tl.float16)
-    b_ki = (b_ki * tl.where(CONJ, -b_kmax / b_bound, b_kmax / b_bound)).to(tl.float16)
     b_tr = b_tr.to(tl.float16)
     b_ti = b_ti.to(tl.float16)
-    b_back = b_bound * (DSCALE / (N1 * N2))
-    o_d = (i_k * BK + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
+    o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    m_t = o_t < N
+    o_c = (i_k * BK + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
     for i_q in range(0, GP):
-        i_pb = i_g * GP + i_q
-        if i_pb < NB2:
-            i_b = i_pb * 2
+        i_sb = i_g * GP + i_q
+        if i_sb < NS:
+            i_b = i_sb * 2 if PAIR else i_sb
             p_x = x + (i_b * H + i_h) * N + o_t
             b_xr = tl.load(p_x, mask=m_t, other=0.0).to(tl.float32)
-            m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
-            b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
-            b_m = tl.maximum(tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0), tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
+            b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
+            if PAIR:
+                m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
+                b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
+                b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
             b_m = tl.where(b_m > 0, b_m, 1.0)
-            b_br, b_bi = _cdot(b_f1r, b_f1i, _to_operand(b_xr / b_m, PREC), _to_operand(b_xi / b_m, PREC), PREC)
+            if PAIR:
+                b_br, b_bi = _cdot(b_f1r, b_f1i, _to_operand(b_xr / b_m, PREC), _to_operand(b_xi / b_m, PREC), PREC)
+            else:
+                b_xr = _to_operand(b_xr / b_m, PREC)
+                b_br = _mm(b_f1r, b_xr, None, PREC)
+                b_bi = _mm(b_f1i, b_xr, None, PREC)
             b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
-            b_cr, b_ci = _cmul(b_cr, b_ci, b_kr.to(tl.float32), b_ki.to(tl.float32))
-            b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
-            i_p = i_h * NB2 + i_pb
-            p_d = d + i_p * (2 * N1 * N2) + o_d
-            tl.store(p_d, (b_dr * (1.0 / DSCALE)).to(d.dtype.element_ty))
-            tl.store(p_d + N1 * N2, (b_di * (1.0 / DSCALE)).to(d.dtype.element_ty))
-            tl.store(dscale + i_p, b_m * b_back, mask=i_k == 0)
+            i_s = i_h * NS + i_sb
+            p_c = c + i_s * (2 * N1 * N2) + o_c
+            tl.store(p_c, b_cr.to(c.dtype.element_ty))
+            tl.store(p_c + N1 * N2, b_ci.to(c.dtype.element_ty))
+            tl.store(cscale + i_s, b_m, mask=i_k == 0)
 
 
 @triton.jit
 def _inverse_pass_kernel(
-    d,
-    dscale,
+    c,
+    cscale,
+    kc,
+    kscale,
+    kbound,
+    skip,
     y,
     f1,
+    f2,
+    tw,
     B,
     H,
     N,
     N1: tl.constexpr,
     N2: tl.constexpr,
-    BM: tl.constexpr,
     BK: tl.constexpr,
+    CONJ: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Second pass: rows ``n1`` of block ``program_id(0)`` (``BM`` of the ``N1 / 2`` that hold output) of
-    ``Y = conj(F_N1)[:N1/2, :] @ D`` for pair ``p = program_id(1)``, a complex matrix product over the ``N1`` rows
-    ``k1`` of ``d`` in steps of ``BK``; ``Re Y`` and ``Im Y`` times ``dscale[p]`` are the pair's two outputs."""
-    i_m = tl.program_id(0)
-    i_p = tl.program_id(1).to(tl.int64)
+    """Pass 2 of the split convolution, one program per pair ``p = program_id(0)`` (channel ``h``): over the rows
+    ``k1`` in blocks of ``BK``, ``E = C ∘ K`` with the kernel's spectrum ``K = (C_k kscale[h] + skip[h]) / kbound[h]``
+    (``C_k``: pass 1 of the row ``k[h]``; ``skip`` times a unit impulse has the constant spectrum ``skip``;
+    ``kbound = sum |k[h]| + |skip[h]|`` bounds every component, so ``|K| <= 1``), ``conj(K)`` for the correlation,
+    then ``D = (E conj(F_N2)) ∘ conj(T)`` and ``Y += conj(F_N1)[:N1/2, k1] D``, the output tile accumulating as in
+    flash attention. ``Re Y``, ``Im Y`` times ``cscale[p] kbound[h] DSCALE / L`` are the pair's two rows."""
+    N1H: tl.constexpr = N1 // 2
+    DSCALE: tl.constexpr = N2 * 4
+    i_p = tl.program_id(0).to(tl.int64)
     NB2 = (B + 1) // 2
     i_h, i_b = i_p // NB2, (i_p % NB2) * 2
-    o_m = i_m * BM + tl.arange(0, BM)
+    b_f2r, b_f2i = _load_f2(f2, N2)
+    b_bound = tl.load(kbound + i_h)
+    b_ks = tl.load(kscale + i_h) / b_bound
+    if HAS_SKIP:
+        b_kadd = tl.load(skip + i_h).to(tl.float32) / b_bound
+    else:
+        b_kadd = 0.0
+    b_ksi = -b_ks if CONJ else b_ks
+    o_m = tl.arange(0, N1H)
     o_n2 = tl.arange(0, N2)
-    b_yr = tl.zeros([BM, N2], dtype=tl.float32)
-    b_yi = tl.zeros([BM, N2], dtype=tl.float32)
+    b_yr = tl.zeros([N1H, N2], dtype=tl.float32)
+    b_yi = tl.zeros([N1H, N2], dtype=tl.float32)
     for i_k in range(0, N1 // BK):
         o_k = i_k * BK + tl.arange(0, BK)
+        o_c = o_k[:, None] * N2 + o_n2[None, :]
+        p_c = c + i_p * (2 * N1 * N2) + o_c
+        p_kc = kc + i_h * (2 * N1 * N2) + o_c
+        b_er = tl.load(p_c).to(tl.float32)
+        b_ei = tl.load(p_c + N1 * N2).to(tl.float32)
+        b_kr = tl.load(p_kc).to(tl.float32) * b_ks + b_kadd
+        b_ki = tl.load(p_kc + N1 * N2).to(tl.float32) * b_ksi
+        b_er, b_ei = _cmul(b_er, b_ei, b_kr, b_ki)
+        p_tw = tw + o_c
+        b_tr = tl.load(p_tw)
+        b_ti = tl.load(p_tw + N1 * N2)
+        b_dr, b_di = _start_inverse(b_er, b_ei, b_tr, b_ti, b_f2r, b_f2i, PREC)
+        b_dr = _to_operand(b_dr * (1.0 / DSCALE), PREC)
+        b_di = _to_operand(b_di * (1.0 / DSCALE), PREC)
         # conj(F1)[n1, k1] = F1[k1, n1]* (F1 symmetric): re = F1r, im = -F1i
         p_g = f1 + o_m[:, None] * N1 + o_k[None, :]
         b_gr = tl.load(p_g)
         b_gi = tl.load(p_g + N1 * N1)
-        p_d = d + i_p * (2 * N1 * N2) + o_k[:, None] * N2 + o_n2[None, :]
-        b_dr = tl.load(p_d)
-        b_di = tl.load(p_d + N1 * N2)
         # Y = (Gr - i Gi)(Dr + i Di): re = Gr Dr + Gi Di, im = Gr Di - Gi Dr
         b_yr = _mm(b_gr, b_dr, b_yr, PREC)
         b_yr = _mm(b_gi, b_di, b_yr, PREC)
         b_yi = _mm(b_gr, b_di, b_yi, PREC)
         b_yi = _mm(-b_gi, b_dr, b_yi, PREC)
-    b_s = tl.load(dscale + i_p)
+    b_s = tl.load(cscale + i_p) * b_bound * (DSCALE / (N1 * N2))
     o_t = o_m[:, None] * N2 + o_n2[None, :]
     m_t = o_t < N
     p_y = y + (i_b * H + i_h) * N + o_t
@@ -649,14 +656,12 @@ def fft_conv_triton_fwd(
 
 
 class TwoPassConfig(NamedTuple):
-    """Launch configuration of the two-pass convolution: rows ``k1`` per first-pass program, output rows ``n1``
-    per second-pass program and its step over ``k1``, pairs of rows per first-pass program, warps of each pass and
-    pipelining stages of the second."""
+    """Launch configuration of the two-pass convolution: rows ``k1`` per first-pass program, signals per first-pass
+    program, the second pass's step over ``k1``, warps of each pass and pipelining stages of the second."""
 
     block_k: int = 128
-    block_m: int = 128
-    block_k2: int = 64
     pairs: int = 4
+    block_k2: int = 64
     warps1: int = 8
     warps2: int = 8
     stages2: int = 2
@@ -676,16 +681,15 @@ def fft_conv_two_pass(
     """Host side, no autograd: :func:`fft_conv_triton_fwd`'s convolution (or correlation) in two passes with
     float16 dot operands, for contiguous ``u [B, H, N]``, ``k [H, N]``, ``N <= MAX_FUSED_N``.
 
-    Pass 1 (:func:`_spectral_pass_kernel`, one program per pair of rows and block of ``k1``) takes each pair to the
-    frequency domain, multiplies by the kernel's spectrum and takes it back along the contiguous axis, storing the
-    float16 ``D`` (64 KB a pair at ``L = 16384``); pass 2 (:func:`_inverse_pass_kernel`) is the batched complex
-    matrix product ``conj(F_N1)[:N1/2] @ D`` that finishes the inverse. Splitting keeps each program's live tiles
-    small (no output accumulator beside the spectrum block), so the GPU holds several programs per SM. The skip
-    term is folded into the spectrum (``skip[h] u`` is the convolution with ``skip[h]`` times a unit impulse, whose
-    DFT is constant), so ``u`` is read once.
+    Pass 1 (:func:`_forward_pass_kernel`) takes each pair of rows (one complex signal) to the permuted spectrum,
+    stored in float16 (64 KB a pair at ``L = 16384``), and each kernel row likewise; pass 2
+    (:func:`_inverse_pass_kernel`, one program per pair) multiplies by the kernel's spectrum and takes the result
+    back to time. Splitting the transform there keeps each pass's live tiles small: pass 1 holds no output tile
+    and no kernel spectrum, pass 2 streams its blocks. The skip term is folded into the kernel's spectrum, so ``u``
+    is read once.
 
     ``config`` and ``n2`` (the contiguous factor of the transform length) override the defaults, and ``only_pass``
-    (1 or 2) launches one pass alone (``out`` is then meaningless), for benchmark sweeps.
+    (1 or 2) launches one pass alone (the output is then meaningless), for benchmark sweeps.
     """
     b, h, n = u.shape
     if out is None:
@@ -696,23 +700,33 @@ def fft_conv_two_pass(
     length, on_device = _launch_options(u)
     n1, n2 = _factors(length, n2)
     prec = "fp16" if u.device.type == "cuda" else "fp16emu"
-    bk, bm, bk2 = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2), min(cfg.block_k2, n1)
+    bk, bk2 = min(cfg.block_k, n1), min(cfg.block_k2, n1)
     f1, f2, tw = _constants(length, u.device, torch.float16, n2)
     nb2 = (b + 1) // 2
     gp = min(cfg.pairs, nb2)
-    groups = triton.cdiv(nb2, gp)
-    d = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=u.device)
-    dscale = torch.empty((h * nb2,), dtype=torch.float32, device=u.device)
+    c = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=u.device)
+    cscale = torch.empty((h * nb2,), dtype=torch.float32, device=u.device)
+    kc = torch.empty((h, 2, n1, n2), dtype=torch.float16, device=u.device)
+    kscale = torch.empty((h,), dtype=torch.float32, device=u.device)
+    # every component of DFT(k) + skip is at most sum |k| + |skip| (1 for an all-zero channel)
+    kbound = torch.linalg.vector_norm(k, 1, dim=-1, dtype=torch.float32)
+    if skip is not None:
+        kbound = kbound + skip.float().abs()
+    kbound = torch.where(kbound > 0, kbound, torch.ones_like(kbound))
+    common = {"N1": n1, "N2": n2, "PREC": prec}
     with on_device:
         if only_pass != 2:
-            _spectral_pass_kernel[(n1 // bk, h, groups)](
-                u, k, skip if skip is not None else k, d, dscale, f1, f2, tw, b, h, n, N1=n1, N2=n2, BK=bk, GP=gp,
-                CONJ=correlate, HAS_SKIP=skip is not None, PREC=prec, num_warps=cfg.warps1,
-            )  # fmt: skip
+            _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
+                u, c, cscale, f1, f2, tw, b, h, n, BK=bk, GP=gp, PAIR=True, num_warps=cfg.warps1, **common
+            )
         if only_pass != 1:
-            _inverse_pass_kernel[(n1 // 2 // bm, h * nb2)](
-                d, dscale, out, f1, b, h, n, N1=n1, N2=n2, BM=bm, BK=bk2, PREC=prec, num_warps=cfg.warps2,
-                num_stages=cfg.stages2,
+            _forward_pass_kernel[(n1 // bk, h, 1)](
+                k, kc, kscale, f1, f2, tw, 1, h, n, BK=bk, GP=1, PAIR=False, num_warps=cfg.warps1, **common
+            )
+            _inverse_pass_kernel[(h * nb2,)](
+                c, cscale, kc, kscale, kbound, skip if skip is not None else kbound, out, f1, f2, tw, b, h, n,
+                BK=bk2, CONJ=correlate, HAS_SKIP=skip is not None, num_warps=cfg.warps2, num_stages=cfg.stages2,
+                **common,
             )  # fmt: skip
     PATHS[f"triton two-pass L={length} ({n1}x{n2}) {cfg} fp16"] += 1
     return out
