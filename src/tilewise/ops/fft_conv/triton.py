@@ -291,32 +291,35 @@ def _forward_pass_kernel(
     b_tr = b_tr.to(tl.float16)
     b_ti = b_ti.to(tl.float16)
     o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    m_t = o_t < N
     o_c = (i_k * BK + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
+    # masks, not a branch, for the signals past the last: the loop stays one block the compiler can pipeline
     for i_q in range(0, GP):
         i_sb = i_g * GP + i_q
-        if i_sb < NS:
-            i_b = i_sb * 2 if PAIR else i_sb
-            p_x = x + (i_b * H + i_h) * N + o_t
-            b_xr = tl.load(p_x, mask=m_t, other=0.0).to(tl.float32)
-            b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
-            if PAIR:
-                m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
-                b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
-                b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
-            b_m = tl.where(b_m > 0, b_m, 1.0)
-            if PAIR:
-                b_br, b_bi = _cdot(b_f1r, b_f1i, _to_operand(b_xr / b_m, PREC), _to_operand(b_xi / b_m, PREC), PREC)
-            else:
-                b_xr = _to_operand(b_xr / b_m, PREC)
-                b_br = _mm(b_f1r, b_xr, None, PREC)
-                b_bi = _mm(b_f1i, b_xr, None, PREC)
-            b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
-            i_s = i_h * NS + i_sb
-            p_c = c + i_s * (2 * N1 * N2) + o_c
-            tl.store(p_c, b_cr.to(c.dtype.element_ty))
-            tl.store(p_c + N1 * N2, b_ci.to(c.dtype.element_ty))
-            tl.store(cscale + i_s, b_m, mask=i_k == 0)
+        # a signal past the last: every mask empty
+        n_live = tl.where(i_sb < NS, N, 0)
+        i_b = i_sb * 2 if PAIR else i_sb
+        p_x = x + (i_b * H + i_h) * N + o_t
+        b_xr = tl.load(p_x, mask=o_t < n_live, other=0.0).to(tl.float32)
+        b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
+        if PAIR:
+            m_t2 = o_t < tl.where(i_b + 1 < B, n_live, 0)
+            b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
+            b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
+        b_m = tl.where(b_m > 0, b_m, 1.0)
+        b_xr = _to_operand(b_xr / b_m, PREC)
+        b_br = _mm(b_f1r, b_xr, None, PREC)
+        b_bi = _mm(b_f1i, b_xr, None, PREC)
+        if PAIR:
+            # (F1r + i F1i)(xr + i xi): the sign goes on the signal's operand, not on a copy of F1i
+            b_br = _mm(b_f1i, _to_operand(-b_xi / b_m, PREC), b_br, PREC)
+            b_bi = _mm(b_f1r, _to_operand(b_xi / b_m, PREC), b_bi, PREC)
+        b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
+        i_s = i_h * NS + i_sb
+        p_c = c + i_s * (2 * N1 * N2) + o_c
+        m_c = o_c < tl.where(i_sb < NS, N1 * N2, 0)
+        tl.store(p_c, b_cr.to(c.dtype.element_ty), mask=m_c)
+        tl.store(p_c + N1 * N2, b_ci.to(c.dtype.element_ty), mask=m_c)
+        tl.store(cscale + i_s, b_m, mask=(i_k == 0) & (i_sb < NS))
 
 
 @triton.jit
@@ -388,7 +391,7 @@ def _inverse_pass_kernel(
         b_yr = _mm(b_gr, b_dr, b_yr, PREC)
         b_yr = _mm(b_gi, b_di, b_yr, PREC)
         b_yi = _mm(b_gr, b_di, b_yi, PREC)
-        b_yi = _mm(-b_gi, b_dr, b_yi, PREC)
+        b_yi = _mm(b_gi, -b_dr, b_yi, PREC)
     b_s = tl.load(cscale + i_p) * b_bound * (DSCALE / (N1 * N2))
     o_t = o_m[:, None] * N2 + o_n2[None, :]
     m_t = o_t < N
@@ -657,7 +660,7 @@ def fft_conv_triton_fwd(
 
 class TwoPassConfig(NamedTuple):
     """Launch configuration of the two-pass convolution: rows ``k1`` per first-pass program, signals per first-pass
-    program, the second pass's step over ``k1``, warps of each pass and pipelining stages of the second."""
+    program, the second pass's step over ``k1``, warps of each pass and pipelining stages of each."""
 
     block_k: int = 128
     pairs: int = 4
@@ -665,6 +668,7 @@ class TwoPassConfig(NamedTuple):
     warps1: int = 8
     warps2: int = 8
     stages2: int = 2
+    stages1: int = 2
 
 
 def fft_conv_two_pass(
@@ -717,11 +721,39 @@ def fft_conv_two_pass(
     with on_device:
         if only_pass != 2:
             _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
-                u, c, cscale, f1, f2, tw, b, h, n, BK=bk, GP=gp, PAIR=True, num_warps=cfg.warps1, **common
+                u,
+                c,
+                cscale,
+                f1,
+                f2,
+                tw,
+                b,
+                h,
+                n,
+                BK=bk,
+                GP=gp,
+                PAIR=True,
+                num_warps=cfg.warps1,
+                num_stages=cfg.stages1,
+                **common,
             )
         if only_pass != 1:
             _forward_pass_kernel[(n1 // bk, h, 1)](
-                k, kc, kscale, f1, f2, tw, 1, h, n, BK=bk, GP=1, PAIR=False, num_warps=cfg.warps1, **common
+                k,
+                kc,
+                kscale,
+                f1,
+                f2,
+                tw,
+                1,
+                h,
+                n,
+                BK=bk,
+                GP=1,
+                PAIR=False,
+                num_warps=cfg.warps1,
+                num_stages=cfg.stages1,
+                **common,
             )
             _inverse_pass_kernel[(h * nb2,)](
                 c, cscale, kc, kscale, kbound, skip if skip is not None else kbound, out, f1, f2, tw, b, h, n,
