@@ -27,10 +27,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def _two_pass_configs(args) -> list[dict]:
     """Pass 1 alone over its knobs, pass 2 alone over its knobs (``only_pass``), per ``N2``."""
     out = []
+    # TwoPassConfig fields: block_k, pairs, warps1, stages1 (pass 1); block_m, block_k2, warps2, stages2 (pass 2)
     for n2, bk, gp, w1, st in itertools.product(args.n2, args.bk, args.pairs, args.warps, args.stages):
-        out.append({"kind": "two-pass", "only_pass": 1, "n2": n2, "config": (bk, gp, 64, w1, 8, 2, st)})
-    for n2, bk2, w2, st in itertools.product(args.n2, args.bk2, args.warps, args.stages):
-        out.append({"kind": "two-pass", "only_pass": 2, "n2": n2, "config": (128, 4, bk2, 8, w2, st, 2)})
+        out.append({"kind": "two-pass", "only_pass": 1, "n2": n2, "config": (bk, gp, w1, st, 64, 32, 4, 3)})
+    for n2, bm, bk2, w2, st in itertools.product(args.n2, args.bm, args.bk2, args.warps, args.stages):
+        out.append({"kind": "two-pass", "only_pass": 2, "n2": n2, "config": (128, 4, 8, 3, bm, bk2, w2, st)})
     return out
 
 
@@ -56,10 +57,9 @@ def _configs(args) -> list[dict]:
 def _name(c: dict) -> str:
     if c.get("kind") == "two-pass":
         which = {1: "pass 1", 2: "pass 2", None: "both  "}[c.get("only_pass")]
-        bk, gp, bk2, w1, w2, st, st1 = c["config"]
-        knobs = f"BK={bk:>3} GP={gp} w={w1} st={st1}" if c.get("only_pass") == 1 else f"BK2={bk2:>3} w={w2} st={st}"
-        if c.get("only_pass") is None:
-            knobs = f"BK={bk:>3} GP={gp} w1={w1} st1={st1} BK2={bk2:>3} w2={w2} st2={st}"
+        bk, gp, w1, st1, bm, bk2, w2, st2 = c["config"]
+        one, two = f"BK={bk:>3} GP={gp} w={w1} st={st1}", f"BM={bm:>3} BK2={bk2:>3} w={w2} st={st2}"
+        knobs = {1: one, 2: two}.get(c.get("only_pass"), f"{one} | {two}")
         return f"two-pass {which} N2={c['n2']:>3} {knobs}"
     rows = "pair" if c["pair"] else "row "
     return f"{c['precision']:>6} {rows} N2={c['n2']:>3} BK={c['block_k']:>2} st={c['num_stages']} w={c['num_warps']}"
@@ -160,8 +160,7 @@ def _sweep_dtype(args, dtype_name: str, configs: list[dict]) -> None:
                     best.setdefault(cfg["only_pass"], cfg["config"])
             if len(best) < 2:
                 continue
-            cfg1, cfg2 = best[1], best[2]
-            both = {"kind": "two-pass", "n2": n2, "config": cfg1[:2] + cfg2[2:3] + cfg1[3:4] + cfg2[4:6] + cfg1[6:]}
+            both = {"kind": "two-pass", "n2": n2, "config": best[1][:4] + best[2][4:]}
             try:
                 got = _call(u, k, skip, both)
                 err = float((got.double() - want).norm() / want.norm())
@@ -189,6 +188,7 @@ def main() -> None:
     parser.add_argument("--two-pass", action="store_true", help="sweep the two-pass kernels instead of the fused one")
     parser.add_argument("--pairs", type=int, nargs="+", default=[1, 4], help="two-pass: pairs of rows per program")
     parser.add_argument("--bk2", type=int, nargs="+", default=[32, 64], help="two-pass: second pass k1 step")
+    parser.add_argument("--bm", type=int, nargs="+", default=[64, 128], help="two-pass: second pass output rows")
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling at once")
     args = parser.parse_args()
     import triton

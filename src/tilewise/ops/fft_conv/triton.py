@@ -260,6 +260,10 @@ def _forward_pass_kernel(
     x,
     c,
     cscale,
+    kc,
+    kscale,
+    kbound,
+    skip,
     f1,
     f2,
     tw,
@@ -271,17 +275,28 @@ def _forward_pass_kernel(
     BK: tl.constexpr,
     GP: tl.constexpr,
     PAIR: tl.constexpr,
+    CONVOLVE: tl.constexpr,
+    CONJ: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Pass 1 of the split convolution: rows ``k1`` of block ``program_id(0)`` of the permuted spectrum
-    ``C = ((F_N1 A) ∘ T) F_N2`` of up to ``GP`` signals of channel ``h = program_id(1)`` (group ``program_id(2)``),
-    stored in float16 to ``c [S, 2, N1, N2]``. With ``PAIR`` a signal is two rows ``b, b + 1`` as one complex
-    signal (as :func:`_fft_conv_kernel`; ``S = H ceil(B / 2)``, signal ``s = h ceil(B / 2) + b / 2``), without it one
-    real row (``S = B H``, ``s = h B + b``: the kernel ``k`` is this with ``B = 1``). Each signal is divided by its
-    largest magnitude, stored in ``cscale[s]``, so every component of ``C`` stays under ``sqrt(2) N1 N2 / 2``
-    (float16's range at ``L <= 16384``, README.md). The blocks of one group are adjacent in the launch order, so the
-    signals' rows are read from HBM once; ``F_N1``'s block, the twiddles and ``F_N2`` are loaded once a program."""
+    """Pass 1 of the two-pass convolution, rows ``k1`` of block ``program_id(0)``, for up to ``GP`` signals of
+    channel ``h = program_id(1)`` (group ``program_id(2)``): the permuted spectrum ``C = ((F_N1 A) ∘ T) F_N2``, and
+    with ``CONVOLVE`` then ``D = ((C ∘ K) conj(F_N2)) ∘ conj(T) / DSCALE``, stored in float16 to
+    ``c [S, 2, N1, N2]``.
+
+    With ``PAIR`` a signal is two rows ``b, b + 1`` as one complex signal (as :func:`_fft_conv_kernel`;
+    ``S = H ceil(B / 2)``, signal ``s = h ceil(B / 2) + b / 2``), without it one real row (``S = B H``,
+    ``s = h B + b``: the kernel ``k`` goes through without ``CONVOLVE`` and ``B = 1`` first). Each signal is divided
+    by its largest magnitude, stored in ``cscale[s]``, so every component of ``C`` stays under
+    ``sqrt(2) N1 N2 / 2`` (float16's range at ``L <= 16384``, README.md). The kernel's spectrum is
+    ``K = (C_k kscale[h] + skip[h]) / kbound[h]`` from that first launch (``C_k = kc[h]``; ``skip`` times a unit
+    impulse has the constant spectrum ``skip``; ``kbound = sum |k[h]| + |skip[h]|`` bounds every component, so
+    ``|K| <= 1``), ``conj(K)`` for the correlation. The blocks of one group are adjacent in the launch order, so the
+    signals' rows are read from HBM once; ``F_N1``'s block, the twiddles, ``F_N2`` and ``K`` are loaded once a
+    program, and the loop over signals is pipelined."""
     N1H: tl.constexpr = N1 // 2
+    DSCALE: tl.constexpr = N2 * 4
     i_k = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
     i_g = tl.program_id(2)
@@ -292,6 +307,15 @@ def _forward_pass_kernel(
     b_ti = b_ti.to(tl.float16)
     o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
     o_c = (i_k * BK + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
+    if CONVOLVE:
+        b_bound = tl.load(kbound + i_h)
+        b_ks = tl.load(kscale + i_h) / b_bound
+        p_kc = kc + i_h * (2 * N1 * N2) + o_c
+        b_kr = tl.load(p_kc).to(tl.float32) * b_ks
+        if HAS_SKIP:
+            b_kr += tl.load(skip + i_h).to(tl.float32) / b_bound
+        b_kr = b_kr.to(tl.float16)
+        b_ki = (tl.load(p_kc + N1 * N2).to(tl.float32) * tl.where(CONJ, -b_ks, b_ks)).to(tl.float16)
     # masks, not a branch, for the signals past the last: the loop stays one block the compiler can pipeline
     for i_q in range(0, GP):
         i_sb = i_g * GP + i_q
@@ -314,6 +338,11 @@ def _forward_pass_kernel(
             b_br = _mm(b_f1i, _to_operand(-b_xi / b_m, PREC), b_br, PREC)
             b_bi = _mm(b_f1r, _to_operand(b_xi / b_m, PREC), b_bi, PREC)
         b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
+        if CONVOLVE:
+            b_cr, b_ci = _cmul(b_cr, b_ci, b_kr.to(tl.float32), b_ki.to(tl.float32))
+            b_cr, b_ci = _start_inverse(b_cr, b_ci, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
+            b_cr *= 1.0 / DSCALE
+            b_ci *= 1.0 / DSCALE
         i_s = i_h * NS + i_sb
         p_c = c + i_s * (2 * N1 * N2) + o_c
         m_c = o_c < tl.where(i_sb < NS, N1 * N2, 0)
@@ -324,75 +353,48 @@ def _forward_pass_kernel(
 
 @triton.jit
 def _inverse_pass_kernel(
-    c,
+    d,
     cscale,
-    kc,
-    kscale,
     kbound,
-    skip,
     y,
     f1,
-    f2,
-    tw,
     B,
     H,
     N,
     N1: tl.constexpr,
     N2: tl.constexpr,
+    BM: tl.constexpr,
     BK: tl.constexpr,
-    CONJ: tl.constexpr,
-    HAS_SKIP: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Pass 2 of the split convolution, one program per pair ``p = program_id(0)`` (channel ``h``): over the rows
-    ``k1`` in blocks of ``BK``, ``E = C ∘ K`` with the kernel's spectrum ``K = (C_k kscale[h] + skip[h]) / kbound[h]``
-    (``C_k``: pass 1 of the row ``k[h]``; ``skip`` times a unit impulse has the constant spectrum ``skip``;
-    ``kbound = sum |k[h]| + |skip[h]|`` bounds every component, so ``|K| <= 1``), ``conj(K)`` for the correlation,
-    then ``D = (E conj(F_N2)) ∘ conj(T)`` and ``Y += conj(F_N1)[:N1/2, k1] D``, the output tile accumulating as in
-    flash attention. ``Re Y``, ``Im Y`` times ``cscale[p] kbound[h] DSCALE / L`` are the pair's two rows."""
-    N1H: tl.constexpr = N1 // 2
+    """Pass 2: rows ``n1`` of block ``program_id(0)`` (``BM`` of the ``N1 / 2`` that hold output) of
+    ``Y = conj(F_N1)[:N1/2, :] @ D`` for pair ``p = program_id(1)`` (channel ``h``), a complex matrix product over
+    the ``N1`` rows ``k1`` of ``d`` in steps of ``BK``; ``Re Y`` and ``Im Y`` times
+    ``cscale[p] kbound[h] DSCALE / L`` are the pair's two rows."""
     DSCALE: tl.constexpr = N2 * 4
-    i_p = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(0)
+    i_p = tl.program_id(1).to(tl.int64)
     NB2 = (B + 1) // 2
     i_h, i_b = i_p // NB2, (i_p % NB2) * 2
-    b_f2r, b_f2i = _load_f2(f2, N2)
-    b_bound = tl.load(kbound + i_h)
-    b_ks = tl.load(kscale + i_h) / b_bound
-    if HAS_SKIP:
-        b_kadd = tl.load(skip + i_h).to(tl.float32) / b_bound
-    else:
-        b_kadd = 0.0
-    b_ksi = -b_ks if CONJ else b_ks
-    o_m = tl.arange(0, N1H)
+    o_m = i_m * BM + tl.arange(0, BM)
     o_n2 = tl.arange(0, N2)
-    b_yr = tl.zeros([N1H, N2], dtype=tl.float32)
-    b_yi = tl.zeros([N1H, N2], dtype=tl.float32)
+    b_yr = tl.zeros([BM, N2], dtype=tl.float32)
+    b_yi = tl.zeros([BM, N2], dtype=tl.float32)
     for i_k in range(0, N1 // BK):
         o_k = i_k * BK + tl.arange(0, BK)
-        o_c = o_k[:, None] * N2 + o_n2[None, :]
-        p_c = c + i_p * (2 * N1 * N2) + o_c
-        p_kc = kc + i_h * (2 * N1 * N2) + o_c
-        b_er = tl.load(p_c).to(tl.float32)
-        b_ei = tl.load(p_c + N1 * N2).to(tl.float32)
-        b_kr = tl.load(p_kc).to(tl.float32) * b_ks + b_kadd
-        b_ki = tl.load(p_kc + N1 * N2).to(tl.float32) * b_ksi
-        b_er, b_ei = _cmul(b_er, b_ei, b_kr, b_ki)
-        p_tw = tw + o_c
-        b_tr = tl.load(p_tw)
-        b_ti = tl.load(p_tw + N1 * N2)
-        b_dr, b_di = _start_inverse(b_er, b_ei, b_tr, b_ti, b_f2r, b_f2i, PREC)
-        b_dr = _to_operand(b_dr * (1.0 / DSCALE), PREC)
-        b_di = _to_operand(b_di * (1.0 / DSCALE), PREC)
         # conj(F1)[n1, k1] = F1[k1, n1]* (F1 symmetric): re = F1r, im = -F1i
         p_g = f1 + o_m[:, None] * N1 + o_k[None, :]
         b_gr = tl.load(p_g)
         b_gi = tl.load(p_g + N1 * N1)
+        p_d = d + i_p * (2 * N1 * N2) + o_k[:, None] * N2 + o_n2[None, :]
+        b_dr = tl.load(p_d)
+        b_di = tl.load(p_d + N1 * N2)
         # Y = (Gr - i Gi)(Dr + i Di): re = Gr Dr + Gi Di, im = Gr Di - Gi Dr
         b_yr = _mm(b_gr, b_dr, b_yr, PREC)
         b_yr = _mm(b_gi, b_di, b_yr, PREC)
         b_yi = _mm(b_gr, b_di, b_yi, PREC)
-        b_yi = _mm(b_gi, -b_dr, b_yi, PREC)
-    b_s = tl.load(cscale + i_p) * b_bound * (DSCALE / (N1 * N2))
+        b_yi = _mm(-b_gi, b_dr, b_yi, PREC)
+    b_s = tl.load(cscale + i_p) * tl.load(kbound + i_h) * (DSCALE / (N1 * N2))
     o_t = o_m[:, None] * N2 + o_n2[None, :]
     m_t = o_t < N
     p_y = y + (i_b * H + i_h) * N + o_t
@@ -659,16 +661,17 @@ def fft_conv_triton_fwd(
 
 
 class TwoPassConfig(NamedTuple):
-    """Launch configuration of the two-pass convolution: rows ``k1`` per first-pass program, signals per first-pass
-    program, the second pass's step over ``k1``, warps of each pass and pipelining stages of each."""
+    """Launch configuration of the two-pass convolution: pass 1's rows ``k1`` a program, signals a program, warps
+    and pipelining stages; pass 2's output rows a program, step over ``k1``, warps and stages."""
 
     block_k: int = 128
     pairs: int = 4
-    block_k2: int = 64
     warps1: int = 8
-    warps2: int = 8
-    stages2: int = 2
-    stages1: int = 2
+    stages1: int = 3
+    block_m: int = 64
+    block_k2: int = 32
+    warps2: int = 4
+    stages2: int = 3
 
 
 def fft_conv_two_pass(
@@ -685,11 +688,12 @@ def fft_conv_two_pass(
     """Host side, no autograd: :func:`fft_conv_triton_fwd`'s convolution (or correlation) in two passes with
     float16 dot operands, for contiguous ``u [B, H, N]``, ``k [H, N]``, ``N <= MAX_FUSED_N``.
 
-    Pass 1 (:func:`_forward_pass_kernel`) takes each pair of rows (one complex signal) to the permuted spectrum,
-    stored in float16 (64 KB a pair at ``L = 16384``), and each kernel row likewise; pass 2
-    (:func:`_inverse_pass_kernel`, one program per pair) multiplies by the kernel's spectrum and takes the result
-    back to time. Splitting the transform there keeps each pass's live tiles small: pass 1 holds no output tile
-    and no kernel spectrum, pass 2 streams its blocks. The skip term is folded into the kernel's spectrum, so ``u``
+    The rows of ``k`` are first taken to their permuted spectra (:func:`_forward_pass_kernel`, ``H`` real rows).
+    Pass 1 (the same kernel with ``CONVOLVE``) takes each pair of rows (one complex signal) to the frequency
+    domain, multiplies by the kernel's spectrum and takes it back along the contiguous axis, storing the float16
+    ``D`` (64 KB a pair at ``L = 16384``); pass 2 (:func:`_inverse_pass_kernel`) is the batched complex matrix
+    product ``conj(F_N1)[:N1/2] @ D`` that finishes the inverse. Splitting there keeps pass 1 free of an output
+    tile and pass 2 a plain pipelined matrix product. The skip term is folded into the kernel's spectrum, so ``u``
     is read once.
 
     ``config`` and ``n2`` (the contiguous factor of the transform length) override the defaults, and ``only_pass``
@@ -704,11 +708,11 @@ def fft_conv_two_pass(
     length, on_device = _launch_options(u)
     n1, n2 = _factors(length, n2)
     prec = "fp16" if u.device.type == "cuda" else "fp16emu"
-    bk, bk2 = min(cfg.block_k, n1), min(cfg.block_k2, n1)
+    bk, bm, bk2 = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2), min(cfg.block_k2, n1)
     f1, f2, tw = _constants(length, u.device, torch.float16, n2)
     nb2 = (b + 1) // 2
     gp = min(cfg.pairs, nb2)
-    c = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=u.device)
+    d = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=u.device)
     cscale = torch.empty((h * nb2,), dtype=torch.float32, device=u.device)
     kc = torch.empty((h, 2, n1, n2), dtype=torch.float16, device=u.device)
     kscale = torch.empty((h,), dtype=torch.float32, device=u.device)
@@ -717,48 +721,23 @@ def fft_conv_two_pass(
     if skip is not None:
         kbound = kbound + skip.float().abs()
     kbound = torch.where(kbound > 0, kbound, torch.ones_like(kbound))
-    common = {"N1": n1, "N2": n2, "PREC": prec}
+    pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "CONJ": correlate, "HAS_SKIP": skip is not None}
+    pass1 |= {"num_warps": cfg.warps1, "num_stages": cfg.stages1}
+    skip_arg = skip if skip is not None else kbound
     with on_device:
         if only_pass != 2:
-            _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
-                u,
-                c,
-                cscale,
-                f1,
-                f2,
-                tw,
-                b,
-                h,
-                n,
-                BK=bk,
-                GP=gp,
-                PAIR=True,
-                num_warps=cfg.warps1,
-                num_stages=cfg.stages1,
-                **common,
-            )
-        if only_pass != 1:
             _forward_pass_kernel[(n1 // bk, h, 1)](
-                k,
-                kc,
-                kscale,
-                f1,
-                f2,
-                tw,
-                1,
-                h,
-                n,
-                BK=bk,
-                GP=1,
-                PAIR=False,
-                num_warps=cfg.warps1,
-                num_stages=cfg.stages1,
-                **common,
-            )
-            _inverse_pass_kernel[(h * nb2,)](
-                c, cscale, kc, kscale, kbound, skip if skip is not None else kbound, out, f1, f2, tw, b, h, n,
-                BK=bk2, CONJ=correlate, HAS_SKIP=skip is not None, num_warps=cfg.warps2, num_stages=cfg.stages2,
-                **common,
+                k, kc, kscale, kc, kscale, kbound, skip_arg, f1, f2, tw, 1, h, n, GP=1, PAIR=False, CONVOLVE=False,
+                **pass1,
+            )  # fmt: skip
+            _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
+                u, d, cscale, kc, kscale, kbound, skip_arg, f1, f2, tw, b, h, n, GP=gp, PAIR=True, CONVOLVE=True,
+                **pass1,
+            )  # fmt: skip
+        if only_pass != 1:
+            _inverse_pass_kernel[(n1 // 2 // bm, h * nb2)](
+                d, cscale, kbound, out, f1, b, h, n, N1=n1, N2=n2, BM=bm, BK=bk2, PREC=prec, num_warps=cfg.warps2,
+                num_stages=cfg.stages2,
             )  # fmt: skip
     PATHS[f"triton two-pass L={length} ({n1}x{n2}) {cfg} fp16"] += 1
     return out
