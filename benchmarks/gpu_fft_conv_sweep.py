@@ -28,8 +28,12 @@ def _two_pass_configs(args) -> list[dict]:
     """Pass 1 alone over its knobs, pass 2 alone over its knobs (``only_pass``), per ``N2``."""
     out = []
     # TwoPassConfig fields: block_k, pairs, warps1, stages1 (pass 1); block_m, block_k2, warps2, stages2 (pass 2)
-    for n2, bk, gp, w1, st in itertools.product(args.n2, args.bk, args.pairs, args.warps, args.stages):
-        out.append({"kind": "two-pass", "only_pass": 1, "n2": n2, "config": (bk, gp, w1, st, 64, 32, 4, 3)})
+    for n2, bk, gp, w1, st, reg in itertools.product(
+        args.n2, args.bk, args.pairs, args.warps, args.stages, args.maxnreg
+    ):
+        out.append(
+            {"kind": "two-pass", "only_pass": 1, "n2": n2, "config": (bk, gp, w1, st, 64, 32, 4, 3, reg or None)}
+        )
     for n2, bm, bk2, w2, st in itertools.product(args.n2, args.bm, args.bk2, args.warps, args.stages):
         out.append({"kind": "two-pass", "only_pass": 2, "n2": n2, "config": (128, 4, 8, 3, bm, bk2, w2, st)})
     return out
@@ -57,8 +61,8 @@ def _configs(args) -> list[dict]:
 def _name(c: dict) -> str:
     if c.get("kind") == "two-pass":
         which = {1: "pass 1", 2: "pass 2", None: "both  "}[c.get("only_pass")]
-        bk, gp, w1, st1, bm, bk2, w2, st2 = c["config"]
-        one, two = f"BK={bk:>3} GP={gp} w={w1} st={st1}", f"BM={bm:>3} BK2={bk2:>3} w={w2} st={st2}"
+        bk, gp, w1, st1, bm, bk2, w2, st2, *reg = c["config"] + (None,)
+        one, two = f"BK={bk:>3} GP={gp} w={w1} st={st1} reg={reg[0]}", f"BM={bm:>3} BK2={bk2:>3} w={w2} st={st2}"
         knobs = {1: one, 2: two}.get(c.get("only_pass"), f"{one} | {two}")
         return f"two-pass {which} N2={c['n2']:>3} {knobs}"
     rows = "pair" if c["pair"] else "row "
@@ -160,7 +164,7 @@ def _sweep_dtype(args, dtype_name: str, configs: list[dict]) -> None:
                     best.setdefault(cfg["only_pass"], cfg["config"])
             if len(best) < 2:
                 continue
-            both = {"kind": "two-pass", "n2": n2, "config": best[1][:4] + best[2][4:]}
+            both = {"kind": "two-pass", "n2": n2, "config": best[1][:4] + best[2][4:8] + best[1][8:]}
             try:
                 got = _call(u, k, skip, both)
                 err = float((got.double() - want).norm() / want.norm())
@@ -189,6 +193,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="+", default=[1, 4], help="two-pass: pairs of rows per program")
     parser.add_argument("--bk2", type=int, nargs="+", default=[32, 64], help="two-pass: second pass k1 step")
     parser.add_argument("--bm", type=int, nargs="+", default=[64, 128], help="two-pass: second pass output rows")
+    parser.add_argument("--maxnreg", type=int, nargs="+", default=[0], help="two-pass: pass 1 register caps (0: none)")
     parser.add_argument("--jobs", type=int, default=12, help="processes compiling at once")
     args = parser.parse_args()
     import triton

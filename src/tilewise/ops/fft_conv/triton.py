@@ -287,14 +287,15 @@ def _forward_pass_kernel(
 
     With ``PAIR`` a signal is two rows ``b, b + 1`` as one complex signal (as :func:`_fft_conv_kernel`;
     ``S = H ceil(B / 2)``, signal ``s = h ceil(B / 2) + b / 2``), without it one real row (``S = B H``,
-    ``s = h B + b``: the kernel ``k`` goes through without ``CONVOLVE`` and ``B = 1`` first). Each signal is divided
+    ``s = h B + b``: the kernel ``k`` goes through without ``CONVOLVE`` and ``B = 1`` first, and stores
+    ``kbound[h]``). Each signal is divided
     by its largest magnitude, stored in ``cscale[s]``, so every component of ``C`` stays under
     ``sqrt(2) N1 N2 / 2`` (float16's range at ``L <= 16384``, README.md). The kernel's spectrum is
     ``K = (C_k kscale[h] + skip[h]) / kbound[h]`` from that first launch (``C_k = kc[h]``; ``skip`` times a unit
-    impulse has the constant spectrum ``skip``; ``kbound = sum |k[h]| + |skip[h]|`` bounds every component, so
-    ``|K| <= 1``), ``conj(K)`` for the correlation. The blocks of one group are adjacent in the launch order, so the
-    signals' rows are read from HBM once; ``F_N1``'s block, the twiddles, ``F_N2`` and ``K`` are loaded once a
-    program, and the loop over signals is pipelined."""
+    impulse has the constant spectrum ``skip``; ``kbound = sum |k[h]| + |skip[h]|`` (1 if 0) bounds every
+    component, so ``|K| <= 1``), ``conj(K)`` for the correlation. The blocks of one group are adjacent in the
+    launch order, so the signals' rows are read from HBM once; ``F_N1``'s block, the twiddles, ``F_N2`` and ``K``
+    are loaded once a program, and the loop over signals is pipelined."""
     N1H: tl.constexpr = N1 // 2
     DSCALE: tl.constexpr = N2 * 4
     i_k = tl.program_id(0)
@@ -309,6 +310,7 @@ def _forward_pass_kernel(
     o_c = (i_k * BK + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
     if CONVOLVE:
         b_bound = tl.load(kbound + i_h)
+        b_bound = tl.where(b_bound > 0, b_bound, 1.0)
         b_ks = tl.load(kscale + i_h) / b_bound
         p_kc = kc + i_h * (2 * N1 * N2) + o_c
         b_kr = tl.load(p_kc).to(tl.float32) * b_ks
@@ -330,6 +332,12 @@ def _forward_pass_kernel(
             b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
             b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
         b_m = tl.where(b_m > 0, b_m, 1.0)
+        if not CONVOLVE:
+            # the kernel's rows: their bound sum |k| + |skip| (every |DFT(k) + skip| is at most that)
+            b_l1 = tl.sum(tl.sum(tl.abs(b_xr), axis=1), axis=0)
+            if HAS_SKIP:
+                b_l1 += tl.abs(tl.load(skip + i_h).to(tl.float32))
+            tl.store(kbound + i_h, b_l1, mask=i_k == 0)
         b_xr = _to_operand(b_xr / b_m, PREC)
         b_br = _mm(b_f1r, b_xr, None, PREC)
         b_bi = _mm(b_f1i, b_xr, None, PREC)
@@ -394,7 +402,8 @@ def _inverse_pass_kernel(
         b_yr = _mm(b_gi, b_di, b_yr, PREC)
         b_yi = _mm(b_gr, b_di, b_yi, PREC)
         b_yi = _mm(-b_gi, b_dr, b_yi, PREC)
-    b_s = tl.load(cscale + i_p) * tl.load(kbound + i_h) * (DSCALE / (N1 * N2))
+    b_bound = tl.load(kbound + i_h)
+    b_s = tl.load(cscale + i_p) * tl.where(b_bound > 0, b_bound, 1.0) * (DSCALE / (N1 * N2))
     o_t = o_m[:, None] * N2 + o_n2[None, :]
     m_t = o_t < N
     p_y = y + (i_b * H + i_h) * N + o_t
@@ -662,7 +671,8 @@ def fft_conv_triton_fwd(
 
 class TwoPassConfig(NamedTuple):
     """Launch configuration of the two-pass convolution: pass 1's rows ``k1`` a program, signals a program, warps
-    and pipelining stages; pass 2's output rows a program, step over ``k1``, warps and stages."""
+    and pipelining stages; pass 2's output rows a program, step over ``k1``, warps and stages; a register cap per
+    thread for each (``maxnreg``, None: the compiler's choice), which can let two programs share an SM."""
 
     block_k: int = 128
     pairs: int = 4
@@ -672,6 +682,8 @@ class TwoPassConfig(NamedTuple):
     block_k2: int = 32
     warps2: int = 4
     stages2: int = 3
+    maxnreg1: int | None = None
+    maxnreg2: int | None = None
 
 
 def fft_conv_two_pass(
@@ -716,13 +728,11 @@ def fft_conv_two_pass(
     cscale = torch.empty((h * nb2,), dtype=torch.float32, device=u.device)
     kc = torch.empty((h, 2, n1, n2), dtype=torch.float16, device=u.device)
     kscale = torch.empty((h,), dtype=torch.float32, device=u.device)
-    # every component of DFT(k) + skip is at most sum |k| + |skip| (1 for an all-zero channel)
-    kbound = torch.linalg.vector_norm(k, 1, dim=-1, dtype=torch.float32)
-    if skip is not None:
-        kbound = kbound + skip.float().abs()
-    kbound = torch.where(kbound > 0, kbound, torch.ones_like(kbound))
+    kbound = torch.empty((h,), dtype=torch.float32, device=u.device)
     pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "CONJ": correlate, "HAS_SKIP": skip is not None}
     pass1 |= {"num_warps": cfg.warps1, "num_stages": cfg.stages1}
+    if cfg.maxnreg1 and u.is_cuda:
+        pass1["maxnreg"] = cfg.maxnreg1
     skip_arg = skip if skip is not None else kbound
     with on_device:
         if only_pass != 2:
@@ -737,7 +747,7 @@ def fft_conv_two_pass(
         if only_pass != 1:
             _inverse_pass_kernel[(n1 // 2 // bm, h * nb2)](
                 d, cscale, kbound, out, f1, b, h, n, N1=n1, N2=n2, BM=bm, BK=bk2, PREC=prec, num_warps=cfg.warps2,
-                num_stages=cfg.stages2,
+                num_stages=cfg.stages2, **({"maxnreg": cfg.maxnreg2} if cfg.maxnreg2 and u.is_cuda else {}),
             )  # fmt: skip
     PATHS[f"triton two-pass L={length} ({n1}x{n2}) {cfg} fp16"] += 1
     return out
