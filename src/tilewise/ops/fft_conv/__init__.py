@@ -65,9 +65,11 @@ def fft_conv(
             not only powers of two; ``B`` or ``H`` may be 0.
         k: ``[H, N]`` kernel, any floating dtype; zero-pad a shorter kernel to ``N``.
         skip: optional ``[H]`` weight of the direct term (the ``D`` of an SSM).
-        backend: ``"auto"`` (the ``torch.fft`` reference: on an H100 the fused Triton kernel is not yet faster
-            than cuFFT for forward + backward at any measured size, see BENCHMARKS.md), ``"triton"`` (CUDA,
-            ``N <= MAX_TRITON_N``) or ``"reference"``. ``TILEWISE_BACKEND=triton`` makes ``"auto"`` take Triton.
+        backend: ``"auto"`` (Triton on CUDA for ``N <= MAX_TRITON_N``, else the ``torch.fft`` reference),
+            ``"triton"`` (CUDA, ``N <= MAX_TRITON_N``) or ``"reference"``. The Triton path computes the transforms
+            with float16 products (~5e-4 relative error for fp32 I/O, README.md) and is ~3x faster than torch.fft
+            on an H100 at ``B=8 H=768 N=8192`` (BENCHMARKS.md); ``TILEWISE_BACKEND=reference`` keeps
+            ``"auto"`` on torch.fft.
 
     Returns:
         ``[B, H, N]`` tensor of ``u``'s dtype.
@@ -102,10 +104,6 @@ def fft_conv(
                 f"the Triton backend convolves N <= {MAX_TRITON_N}, got N = {u.shape[-1]}; use backend='auto' or "
                 "'reference' (torch.fft) for longer sequences"
             )
-        chosen = "reference"
-    if chosen == "triton" and not forced:
-        # measured on an H100 (torch 2.11, triton 3.6): fwd+bwd 0.77x (bf16, N=1024) to 0.13x (fp32, N=8192) of
-        # torch.fft; auto stays on the faster path until the kernel wins
         chosen = "reference"
     if chosen == "reference":
         return fft_conv_ref(u, k, skip)

@@ -799,19 +799,66 @@ def fft_corr_sum_triton(
         PATHS[f"triton dk L={length} BK={bk} stages={stages} warps={warps} {prec}"] += 1
         return out, dot
     PATHS[f"torch.fft dk L={length} (no kernel configuration fits)"] += 1
+    return _corr_sum_torch(a, b, out, dot)
+
+
+def _corr_sum_torch(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, dot: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fft_corr_sum_triton`'s sums by ``torch.fft`` (fp32): the batch sum taken in the frequency domain."""
+    n = a.shape[-1]
     af, bf = a.float(), b.float()
     spec = torch.fft.rfft(af, n=2 * n) * torch.fft.rfft(bf, n=2 * n).conj()
-    out.copy_(torch.fft.irfft(spec.sum(0), n=2 * n)[..., :n])
+    corr = torch.fft.irfft(spec.sum(0), n=2 * n)[..., :n]
+    prod = (af * bf).sum((0, 2))
+    if out is None:
+        return corr, prod
+    out.copy_(corr)
     if dot is not None:
-        dot.copy_((af * bf).sum((0, 2)))
+        dot.copy_(prod)
     return out, dot
+
+
+# What the op (fft_conv's Triton backend) runs. "conv": "two-pass" (fft_conv_two_pass, float16 dots: ~5e-4
+# relative RMS error, inside issue #5's 1e-3 for fp32; H100 B=8 H=768 N=8192 fp32 forward 0.70-0.74 ms against
+# torch.fft's 2.31, BENCHMARKS.md) or "fused" (fft_conv_triton_fwd: tf32x3 / tf32 dots, ~1e-6 for fp32, but
+# 0.31x torch.fft there). "dk": the kernel's gradient by "torch.fft" (rfft of both, the batch sum, one irfft) or
+# "triton" (fft_corr_sum_triton, tf32x3 / tf32: slower than torch.fft on the H100, the fused kernel's partner).
+TUNING: dict[str, str] = {"conv": "two-pass", "dk": "torch.fft"}
+
+# The two-pass launch configurations, best first (H100 sweep, benchmarks/gpu_fft_conv_sweep.py --two-pass); the
+# second asks less shared memory (64 KB in pass 1 instead of 96 KB), then torch.fft.
+_TWO_PASS_CONFIGS = (
+    TwoPassConfig(),
+    TwoPassConfig(block_k=64, pairs=4, warps1=4, stages1=1, block_m=64, block_k2=32, warps2=4, stages2=1),
+)
+
+
+def _conv(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool) -> torch.Tensor:
+    """The op's forward: :data:`TUNING` ``"conv"``'s path, the two-pass one falling back along
+    ``_TWO_PASS_CONFIGS`` and then to ``torch.fft`` where the GPU lacks the shared memory (:data:`PATHS`)."""
+    if TUNING["conv"] == "fused":
+        return fft_conv_triton_fwd(u, k, skip, correlate=correlate)
+    out = torch.empty_like(u)
+    if u.numel() == 0:
+        return out
+    length, _ = _launch_options(u)
+    key = ("two-pass", length, u.dtype, k.dtype, u.device)
+    ran = _first_that_fits(
+        key, _TWO_PASS_CONFIGS, lambda c: fft_conv_two_pass(u, k, skip, correlate=correlate, out=out, config=c)
+    )
+    if ran is not None:
+        return out
+    PATHS[f"torch.fft L={length} (no two-pass configuration fits)"] += 1
+    y = _corr_torch(u, k) if correlate else fft_conv_ref(u.float(), k.float())
+    if skip is not None:
+        y = y + skip.float()[:, None] * u.float()
+    return out.copy_(y)
 
 
 @torch.library.custom_op("tilewise::fft_conv", mutates_args=())
 def _fft_conv_op(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool) -> torch.Tensor:
-    return fft_conv_triton_fwd(
-        u.contiguous(), k.contiguous(), skip.contiguous() if skip is not None else None, correlate=correlate
-    )
+    return _conv(u.contiguous(), k.contiguous(), skip.contiguous() if skip is not None else None, correlate)
 
 
 @_fft_conv_op.register_fake
@@ -821,8 +868,10 @@ def _(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bo
 
 @torch.library.custom_op("tilewise::fft_corr_sum", mutates_args=())
 def _fft_corr_sum_op(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out, dot = fft_corr_sum_triton(a.contiguous(), b.contiguous(), with_dot=True)
-    return out, dot
+    if TUNING["dk"] == "triton":
+        return fft_corr_sum_triton(a.contiguous(), b.contiguous(), with_dot=True)
+    PATHS["torch.fft dk"] += 1
+    return _corr_sum_torch(a, b)
 
 
 @_fft_corr_sum_op.register_fake
