@@ -239,8 +239,6 @@ def _conv_rows(dev: torch.device, dtype: torch.dtype, t: int, batch: int, channe
     k = (torch.randn(channels, t, device=dev, generator=gen, dtype=dtype) / t**0.5).requires_grad_()
     dy = torch.randn(batch, channels, t, device=dev, generator=gen, dtype=dtype)
     ours = backend
-    if backend == "auto" and dev.type == "cuda" and t <= MAX_TRITON_N:
-        ours = "triton"  # auto runs the torch.fft reference on CUDA: race the kernel instead
     chosen = resolve_backend(ours, u)
     if chosen == "triton" and t > MAX_TRITON_N and ours != "triton":
         chosen = "reference"  # what fft_conv runs there: its kernel stops at MAX_TRITON_N (torch.fft above)
