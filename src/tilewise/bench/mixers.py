@@ -49,7 +49,7 @@ from tilewise.bench.runner import (
     resolve_dtype,
 )
 from tilewise.ops.block_sparse_attention import block_sparse_attention
-from tilewise.ops.fft_conv import MAX_TRITON_N, fft_conv
+from tilewise.ops.fft_conv import AUTO_TRITON_MIN_N, MAX_TRITON_N, fft_conv
 from tilewise.ops.fft_conv.reference import fft_conv_ref
 from tilewise.ops.linear_attention import linear_attention
 
@@ -240,8 +240,8 @@ def _conv_rows(dev: torch.device, dtype: torch.dtype, t: int, batch: int, channe
     dy = torch.randn(batch, channels, t, device=dev, generator=gen, dtype=dtype)
     ours = backend
     chosen = resolve_backend(ours, u)
-    if chosen == "triton" and t > MAX_TRITON_N and ours != "triton":
-        chosen = "reference"  # what fft_conv runs there: its kernel stops at MAX_TRITON_N (torch.fft above)
+    if chosen == "triton" and not AUTO_TRITON_MIN_N <= t <= MAX_TRITON_N and ours != "triton":
+        chosen = "reference"  # what fft_conv's auto runs there: torch.fft (README.md of fft_conv)
     note = _CPU_NOTE if dev.type == "cpu" else None
     rows = []
     for op in OPS:

@@ -14,10 +14,15 @@ import torch
 from tilewise._backend import ENV_VAR, resolve_backend
 from tilewise.ops.fft_conv.reference import fft_conv_ref
 
-__all__ = ["MAX_TRITON_N", "fft_conv"]
+__all__ = ["AUTO_TRITON_MIN_N", "MAX_TRITON_N", "fft_conv"]
 
 # Longest N the Triton kernel convolves (a 2N-point transform in one program); must equal triton.MAX_FUSED_N.
 MAX_TRITON_N = 8192
+# Shortest N that backend="auto" sends to Triton. H100, B=8 H=768 (BENCHMARKS.md): at N = 8192 the Triton path is
+# 2.8-4.1x torch.fft forward and 1.7-1.9x forward + backward; at N = 1024 it is 0.86-1.28x forward and 0.72-0.76x
+# forward + backward (its backward's dk is torch.fft's anyway). N in (1024, 4096] is not measured, so auto keeps
+# torch.fft there.
+AUTO_TRITON_MIN_N = 4097
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -65,7 +70,8 @@ def fft_conv(
             not only powers of two; ``B`` or ``H`` may be 0.
         k: ``[H, N]`` kernel, any floating dtype; zero-pad a shorter kernel to ``N``.
         skip: optional ``[H]`` weight of the direct term (the ``D`` of an SSM).
-        backend: ``"auto"`` (Triton on CUDA for ``N <= MAX_TRITON_N``, else the ``torch.fft`` reference),
+        backend: ``"auto"`` (Triton on CUDA for ``AUTO_TRITON_MIN_N <= N <= MAX_TRITON_N``, where it measured
+            faster, else the ``torch.fft`` reference),
             ``"triton"`` (CUDA, ``N <= MAX_TRITON_N``) or ``"reference"``. The Triton path computes the transforms
             with float16 products (~5e-4 relative error for fp32 I/O, README.md) and is ~3x faster than torch.fft
             on an H100 at ``B=8 H=768 N=8192`` (BENCHMARKS.md); ``TILEWISE_BACKEND=reference`` keeps
@@ -104,6 +110,8 @@ def fft_conv(
                 f"the Triton backend convolves N <= {MAX_TRITON_N}, got N = {u.shape[-1]}; use backend='auto' or "
                 "'reference' (torch.fft) for longer sequences"
             )
+        chosen = "reference"
+    if chosen == "triton" and not forced and u.shape[-1] < AUTO_TRITON_MIN_N:
         chosen = "reference"
     if chosen == "reference":
         return fft_conv_ref(u, k, skip)
