@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--b", type=int, default=8)
     parser.add_argument("--h", type=int, default=768)
-    parser.add_argument("--precs", nargs="+", default=["fp16"])
+    parser.add_argument("--precs", nargs="+", default=["tf32", "bf16"], help="fused kernel: dot precisions")
     parser.add_argument("--bk", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])

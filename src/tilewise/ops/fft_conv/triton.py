@@ -55,8 +55,8 @@ def _mm(a, b, acc, PREC: tl.constexpr):
     ``"tf32x3"``, ``"bf16x3"``, ``"ieee"``), or ``"bf16"``: both operands rounded to bfloat16 (tensor-core products,
     exact in fp32, and fp32 accumulation: twice tf32's rate, half its operand bytes), or ``"bf16emu"``: the same
     rounding followed by fp32 IEEE dots, what the host picks in Triton's interpreter, whose 16-bit dot is wrong;
-    ``"fp16"`` / ``"fp16emu"`` likewise with float16 operands (11-bit significands like tf32, at bf16's rate): the
-    convolution kernel then scales its operands into float16's range (``SCALED`` in :func:`_fft_conv_kernel`)."""
+    ``"fp16"`` / ``"fp16emu"`` likewise with float16 operands (11-bit significands like tf32, at bf16's rate), for
+    the two-pass kernels, which keep their operands inside float16's range."""
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif PREC == "bf16emu":
@@ -146,7 +146,6 @@ def _load_block(f1, tw, i_k, N1: tl.constexpr, N1H: tl.constexpr, N2: tl.constex
 def _fft_conv_kernel(
     x,
     khat,
-    kscale,
     skip,
     y,
     f1,
@@ -171,16 +170,8 @@ def _fft_conv_kernel(
     ``CONJ`` multiplies by its conjugate instead (the anti-causal correlation of the backward). Without
     ``PAIR`` a program takes one row ``b`` (real in, real out): a third more dot flops, but half the live input
     and output tiles, which is what lets ``L = 16384`` fit an H100's shared memory (README.md).
-
-    With float16 dots (``PREC`` ``"fp16"``/``"fp16emu"``) every operand is kept inside float16's range: the rows
-    are divided by their largest magnitude ``m``, ``khat[h]`` arrives divided by ``kscale[h]`` (its largest
-    component), and ``D`` is divided by ``DSCALE`` before the last product; the output is multiplied back by
-    ``m kscale[h] DSCALE``. README.md has the bounds (every operand <= 16384 in magnitude).
     """
     N1H: tl.constexpr = N1 // 2
-    SCALED: tl.constexpr = PREC == "fp16" or PREC == "fp16emu"
-    # |D| <= N2 * 16384 with the scaled operands: back under 2^14 before it is rounded to float16
-    DSCALE: tl.constexpr = N2 * 4
     # The programs of a channel run next to each other, so its spectrum khat[h] is read from HBM once.
     i_p = tl.program_id(0).to(tl.int64)
     if PAIR:
@@ -197,14 +188,6 @@ def _fft_conv_kernel(
         m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
         b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
         b_yi = tl.zeros([N1H, N2], dtype=tl.float32)
-    if SCALED:
-        b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
-        if PAIR:
-            b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
-        b_m = tl.where(b_m > 0, b_m, 1.0)
-        b_xr = _to_operand(b_xr / b_m, PREC)
-        if PAIR:
-            b_xi = _to_operand(b_xi / b_m, PREC)
     b_f2r, b_f2i = _load_f2(f2, N2)
     b_yr = tl.zeros([N1H, N2], dtype=tl.float32)
     o_c = tl.arange(0, BK)[:, None] * N2 + tl.arange(0, N2)[None, :]
@@ -223,9 +206,6 @@ def _fft_conv_kernel(
             b_ki = -b_ki
         b_cr, b_ci = _cmul(b_cr, b_ci, b_kr, b_ki)
         b_dr, b_di = _start_inverse(b_cr, b_ci, b_tr, b_ti, b_f2r, b_f2i, PREC)
-        if SCALED:
-            b_dr = b_dr * (1.0 / DSCALE)
-            b_di = b_di * (1.0 / DSCALE)
         # Y += conj(F1)[:N1H, k1] @ D (F1 symmetric): re = Fr Dr + Fi Di, im = Fr Di - Fi Dr.
         b_f1rt, b_f1it = tl.trans(b_f1r), tl.trans(b_f1i)
         b_yr = _mm(b_f1rt, b_dr, b_yr, PREC)
@@ -233,22 +213,11 @@ def _fft_conv_kernel(
         if PAIR:
             b_yi = _mm(b_f1rt, b_di, b_yi, PREC)
             b_yi = _mm(-b_f1it, b_dr, b_yi, PREC)
-    if SCALED:
-        b_back = b_m * tl.load(kscale + i_h) * DSCALE
-        b_yr *= b_back
-        if PAIR:
-            b_yi *= b_back
     if HAS_SKIP:
         b_s = tl.load(skip + i_h).to(tl.float32)
-        if SCALED:
-            # the rows were rounded to float16 for the dots: the direct term reads them again (from L2)
-            b_yr += b_s * tl.load(p_x, mask=m_t, other=0.0).to(tl.float32)
-            if PAIR:
-                b_yi += b_s * tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
-        else:
-            b_yr += b_s * b_xr
-            if PAIR:
-                b_yi += b_s * b_xi
+        b_yr += b_s * b_xr
+        if PAIR:
+            b_yi += b_s * b_xi
     p_y = y + (i_b * H + i_h) * N + o_t
     tl.store(p_y, b_yr.to(y.dtype.element_ty), mask=m_t)
     if PAIR:
@@ -287,8 +256,8 @@ def _forward_pass_kernel(
 
     With ``PAIR`` a signal is two rows ``b, b + 1`` as one complex signal (as :func:`_fft_conv_kernel`;
     ``S = H ceil(B / 2)``, signal ``s = h ceil(B / 2) + b / 2``), without it one real row (``S = B H``,
-    ``s = h B + b``: the kernel ``k`` goes through without ``CONVOLVE`` and ``B = 1`` first, and stores
-    ``kbound[h]``). Each signal is divided
+    ``s = h B + b``: the kernel ``k`` goes through first, without ``CONVOLVE``, as ``B = H`` rows of one channel,
+    and stores ``kbound[h]``). Each signal is divided
     by its largest magnitude, stored in ``cscale[s]``, so every component of ``C`` stays under
     ``sqrt(2) N1 N2 / 2`` (float16's range at ``L <= 16384``, README.md). The kernel's spectrum is
     ``K = (C_k kscale[h] + skip[h]) / kbound[h]`` from that first launch (``C_k = kc[h]``; ``skip`` times a unit
@@ -333,11 +302,12 @@ def _forward_pass_kernel(
             b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
         b_m = tl.where(b_m > 0, b_m, 1.0)
         if not CONVOLVE:
-            # the kernel's rows: their bound sum |k| + |skip| (every |DFT(k) + skip| is at most that)
+            # the kernel's rows (launched as B = H rows of one channel): their bound sum |k| + |skip| (every
+            # component of DFT(k) + skip is at most that)
             b_l1 = tl.sum(tl.sum(tl.abs(b_xr), axis=1), axis=0)
             if HAS_SKIP:
-                b_l1 += tl.abs(tl.load(skip + i_h).to(tl.float32))
-            tl.store(kbound + i_h, b_l1, mask=i_k == 0)
+                b_l1 += tl.abs(tl.load(skip + i_sb, mask=i_sb < NS, other=0.0).to(tl.float32))
+            tl.store(kbound + i_sb, b_l1, mask=(i_k == 0) & (i_sb < NS))
         b_xr = _to_operand(b_xr / b_m, PREC)
         b_br = _mm(b_f1r, b_xr, None, PREC)
         b_bi = _mm(b_f1i, b_xr, None, PREC)
@@ -552,13 +522,6 @@ def kernel_spectrum(k: torch.Tensor, length: int, n2: int | None = None) -> torc
     return torch.stack((spec.real, spec.imag), dim=1).contiguous()
 
 
-def _normalized(khat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``khat / s`` and ``s [H]``, the largest component magnitude of each channel (1 for an all-zero channel)."""
-    s = khat.abs().amax(dim=(1, 2, 3))
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return khat / s[:, None, None, None], s
-
-
 def _launch_options(u: torch.Tensor) -> tuple[int, contextlib.AbstractContextManager]:
     length = fft_length(u.shape[-1], _MIN_L)
     # Triton launches on the current CUDA device: make it u's.
@@ -594,8 +557,8 @@ def fft_conv_triton_fwd(
     ``y[t] = sum_{s >= t} k[s - t] u[s]``) of contiguous ``u [B, H, N]`` with ``k [H, N]``, ``N <= MAX_FUSED_N``.
 
     ``out``, if given, is a contiguous tensor like ``u`` that receives the result (tests poison it).
-    ``block_k``, ``num_warps``, ``precision`` (a ``tl.dot`` input precision, ``"bf16"`` or ``"fp16"``, see
-    :func:`_mm`), ``pair``, ``num_stages`` and ``n2`` (the contiguous factor ``N2`` of the transform length)
+    ``block_k``, ``num_warps``, ``precision`` (a ``tl.dot`` input precision or ``"bf16"``, see :func:`_mm`),
+    ``pair``, ``num_stages`` and ``n2`` (the contiguous factor ``N2`` of the transform length)
     override the tuned configuration, for benchmark sweeps; such a launch raises when it does not fit. Without
     them the kernel falls back along :func:`_conv_configs` and finally to ``torch.fft`` when the GPU lacks the
     shared memory; :data:`PATHS` records what ran.
@@ -608,7 +571,7 @@ def fft_conv_triton_fwd(
     length, on_device = _launch_options(u)
     n1, n2 = _factors(length, n2)
     prec = precision or _PREC[u.dtype]
-    if prec in ("bf16", "fp16") and u.device.type != "cuda":
+    if prec == "bf16" and u.device.type != "cuda":
         prec += "emu"  # Triton's interpreter: the same operand rounding, fp32 dots (see _mm)
     configs = _conv_configs(length, prec)
     overrides = (block_k, num_warps, pair, num_stages, n2 if n2 != _factors(length)[1] else None)
@@ -622,17 +585,16 @@ def fft_conv_triton_fwd(
                 num_warps or c.num_warps,
             ),
         )
+    if prec in ("fp16", "fp16emu"):
+        raise ValueError("float16 products run in the two-pass kernels (fft_conv_two_pass), not the fused one")
     khat = kernel_spectrum(k, length, n2)
-    half = prec in ("fp16", "fp16emu")
-    khat, kscale = _normalized(khat) if half else (khat, khat)
-    f1, f2, tw = _constants(length, u.device, torch.float16 if half else torch.float32, n2)
+    f1, f2, tw = _constants(length, u.device, torch.float32, n2)
 
     def launch(c: ConvConfig) -> None:
         grid = (h * ((b + 1) // 2 if c.pair else b),)
         _fft_conv_kernel[grid](
             u,
             khat,
-            kscale,
             skip if skip is not None else u,
             out,
             f1,
@@ -724,6 +686,7 @@ def fft_conv_two_pass(
     f1, f2, tw = _constants(length, u.device, torch.float16, n2)
     nb2 = (b + 1) // 2
     gp = min(cfg.pairs, nb2)
+    gp_k = min(cfg.pairs, h)
     d = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=u.device)
     cscale = torch.empty((h * nb2,), dtype=torch.float32, device=u.device)
     kc = torch.empty((h, 2, n1, n2), dtype=torch.float16, device=u.device)
@@ -736,9 +699,10 @@ def fft_conv_two_pass(
     skip_arg = skip if skip is not None else kbound
     with on_device:
         if only_pass != 2:
-            _forward_pass_kernel[(n1 // bk, h, 1)](
-                k, kc, kscale, kc, kscale, kbound, skip_arg, f1, f2, tw, 1, h, n, GP=1, PAIR=False, CONVOLVE=False,
-                **pass1,
+            # the kernel's rows as B = H rows of one channel, GP of them a program
+            _forward_pass_kernel[(n1 // bk, 1, triton.cdiv(h, gp_k))](
+                k, kc, kscale, kc, kscale, kbound, skip_arg, f1, f2, tw, h, 1, n, GP=gp_k, PAIR=False,
+                CONVOLVE=False, **pass1,
             )  # fmt: skip
             _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
                 u, d, cscale, kc, kscale, kbound, skip_arg, f1, f2, tw, b, h, n, GP=gp, PAIR=True, CONVOLVE=True,
