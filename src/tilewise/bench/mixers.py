@@ -241,7 +241,7 @@ def _conv_rows(dev: torch.device, dtype: torch.dtype, t: int, batch: int, channe
     ours = backend
     chosen = resolve_backend(ours, u)
     if chosen == "triton" and not AUTO_TRITON_MIN_N <= t <= MAX_TRITON_N and ours != "triton":
-        chosen = "reference"  # what fft_conv's auto runs there: torch.fft (README.md of fft_conv)
+        chosen = "reference"  # what fft_conv's auto runs there with a gradient: torch.fft (README.md of fft_conv)
     note = _CPU_NOTE if dev.type == "cpu" else None
     rows = []
     for op in OPS:
