@@ -1,8 +1,8 @@
 """Causal depthwise long convolution by FFT (Hyena / H3 / S4-style long filters).
 
 The spec is ``reference.py`` (math in README.md beside it). ``monarch.py`` is the same convolution with every DFT
-a product of small DFT matrices, in PyTorch; ``triton.py`` fuses a whole row's convolution into one Triton program
-and is loaded only when the Triton backend is chosen.
+a product of small DFT matrices, in PyTorch; ``triton.py`` runs those products on tensor cores (two passes with
+float16 operands by default) and is loaded only when the Triton backend is chosen.
 """
 
 from __future__ import annotations
