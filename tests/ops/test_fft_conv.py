@@ -18,7 +18,8 @@ FP32_REL = 1e-5
 BF16_REL = 8e-3
 # The two-pass Triton path (the op's default) multiplies float16 operands (11-bit significands, like tf32) through
 # four chained DFT products and stores its spectra in float16: 3e-4 to 6e-4 measured on these inputs (fp32 I/O,
-# interpreter and H100). Issue #5 asks <= 1e-3 for fp32, so that is the bound; dk (torch.fft) keeps FP32_REL.
+# interpreter and H100; its dk likewise). Issue #5 asks <= 1e-3 for fp32, so that is the bound; dskip (an fp32
+# einsum) keeps FP32_REL.
 TWO_PASS_REL = 1e-3
 SMALL_N = [1, 7, 100, 256, 300, 1000]
 
@@ -138,12 +139,12 @@ def fft_tuning(monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 def grad_bounds(dtype: torch.dtype, fused: bool = False) -> tuple[float, ...]:
-    """Bounds for (y, du, dk, dskip) through the op: y and du from the convolution path, dk and dskip by torch.fft
-    (or the fused kernels' tf32x3 dk kernel with ``fused``)."""
+    """Bounds for (y, du, dk, dskip) through the op: the two-pass path's, or the fused kernels' (tf32x3) with
+    ``fused``; dskip is an fp32 sum either way."""
     if dtype != torch.float32:
         return (BF16_REL,) * 4
     conv = FP32_REL if fused else TWO_PASS_REL
-    return conv, conv, FP32_REL, FP32_REL
+    return conv, conv, conv, FP32_REL
 
 
 @pytest.mark.interpret
@@ -161,7 +162,7 @@ def test_triton_forward_fp32(n: int, device: str) -> None:
 @pytest.mark.parametrize("path", ["fused", "two-pass"])
 def test_triton_longest_row(n: int, path: str, device: str, fft_tuning: dict) -> None:
     # L = 16384 = 256 x 64: the largest tile and the most k1 blocks; forward, correlation and the k-gradient sum.
-    fft_tuning.update(conv=path, dk="triton" if path == "fused" else "torch.fft")
+    fft_tuning.update(conv=path, dk="triton" if path == "fused" else "two-pass")
     u, k, skip = inputs(2, 1, n, device=device)
     dy = torch.randn_like(u)
     got = grads(triton_conv, u, k, skip, dy)
@@ -328,7 +329,7 @@ def test_triton_only_k_needs_grad_and_empty_batch(device: str) -> None:
     fft_conv(u, k1, skip=skip, backend="triton").sum().backward()
     k2 = k.double().requires_grad_()
     fft_conv_ref(u.double(), k2, skip.double()).sum().backward()
-    assert_rel_rms(k1.grad, k2.grad, FP32_REL)
+    assert_rel_rms(k1.grad, k2.grad, TWO_PASS_REL)
     empty = torch.randn(0, 3, 40, device=device)
     assert fft_conv(empty, k, skip=skip, backend="triton").shape == (0, 3, 40)
     one = torch.randn(1, 3, 40, device=device)
@@ -432,12 +433,44 @@ def test_two_pass_falls_back_when_shared_memory_runs_out(
     assert list(tt.PATHS) == ["torch.fft L=512 (no two-pass configuration fits)"]
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize(("b", "h", "n"), [(2, 2, 100), (3, 3, 300), (1, 2, 3000), (5, 1, 77), (2, 1, 8192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_kernel_gradient_sum(b: int, h: int, n: int, dtype: torch.dtype, device: str) -> None:
+    """``sum_b corr(a_b, b_b)`` from the pairs' float16 spectra (rows separated by the mirrored frequency, channels
+    paired as one complex signal): odd B and odd H leave half pairs; N = 8192 is the largest transform."""
+    from tilewise.ops.fft_conv.triton import _corr_sum_torch, fft_corr_sum_two_pass
+
+    a = torch.randn(b, h, n, device=device).to(dtype)
+    c = (3 * torch.randn(b, h, n, device=device)).to(dtype)
+    out, dot = fft_corr_sum_two_pass(a, c)
+    want_out, want_dot = _corr_sum_torch(a.double(), c.double())
+    # bf16 inputs are exact here (the reference reads the same bf16 values): only the products' rounding counts
+    assert_rel_rms(out, want_out, TWO_PASS_REL)
+    assert_rel_rms(dot, want_dot, FP32_REL)
+
+
+@pytest.mark.interpret
+def test_two_pass_kernel_gradient_falls_back(monkeypatch: pytest.MonkeyPatch, device: str, fft_tuning: dict) -> None:
+    import importlib
+
+    tt = importlib.import_module("tilewise.ops.fft_conv.triton")
+    u, k, skip = inputs(2, 3, 60, device=device)
+    dy = torch.randn_like(u)
+    want = grads(fft_conv_ref, u.double(), k.double(), skip.double(), dy.double())
+    monkeypatch.setattr(tt, "_corr_spectrum_kernel", _NoSharedMemory(tt._corr_spectrum_kernel, lambda kw: True))
+    tt.reset_paths()
+    got = grads(triton_conv, u, k, skip, dy)
+    assert_rel_rms(got[2], want[2], FP32_REL, msg="dk by torch.fft")
+    assert tt.PATHS["torch.fft dk (no two-pass configuration fits)"] == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1000, 2048, 4095, 8192])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", ["fused", "two-pass"])
 def test_triton_large_on_gpu(n: int, dtype: torch.dtype, path: str, fft_tuning: dict) -> None:
-    fft_tuning.update(conv=path, dk="triton" if path == "fused" else "torch.fft")
+    fft_tuning.update(conv=path, dk="triton" if path == "fused" else "two-pass")
     u, k, skip = inputs(4, 64, n, dtype, "cuda")
     dy = torch.randn_like(u)
     got = grads(triton_conv, u, k, skip, dy)

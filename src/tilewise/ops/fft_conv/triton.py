@@ -41,6 +41,7 @@ __all__ = [
     "fft_conv_triton_fwd",
     "fft_conv_two_pass",
     "fft_corr_sum_triton",
+    "fft_corr_sum_two_pass",
     "kernel_spectrum",
     "reset_paths",
 ]
@@ -260,7 +261,8 @@ def _forward_pass_kernel(
     With ``PAIR`` a signal is two rows ``b, b + 1`` as one complex signal (as :func:`_fft_conv_kernel`;
     ``S = H ceil(B / 2)``, signal ``s = h ceil(B / 2) + b / 2``), without it one real row (``S = B H``,
     ``s = h B + b``: the kernel ``k`` goes through first, without ``CONVOLVE``, as ``B = H`` rows of one channel,
-    and stores ``kbound[h]``). Each signal is divided
+    and stores ``kbound[h]``). With ``PAIR`` and without ``CONVOLVE`` it is the forward transform alone (``C`` of
+    the pairs of ``dy`` and ``u`` for the kernel's gradient, :func:`_corr_spectrum_kernel`). Each signal is divided
     by its largest magnitude, stored in ``cscale[s]``, so every component of ``C`` stays under
     ``sqrt(2) N1 N2 / 2`` (float16's range at ``L <= 16384``, README.md). The kernel's spectrum is
     ``K = (C_k kscale[h] + skip[h]) / kbound[h]`` from that first launch (``C_k = kc[h]``; ``skip`` times a unit
@@ -304,7 +306,7 @@ def _forward_pass_kernel(
             b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
             b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
         b_m = tl.where(b_m > 0, b_m, 1.0)
-        if not CONVOLVE:
+        if not CONVOLVE and not PAIR:
             # the kernel's rows (launched as B = H rows of one channel): their bound sum |k| + |skip| (every
             # component of DFT(k) + skip is at most that)
             b_l1 = tl.sum(tl.sum(tl.abs(b_xr), axis=1), axis=0)
@@ -330,6 +332,85 @@ def _forward_pass_kernel(
         tl.store(p_c, b_cr.to(c.dtype.element_ty), mask=m_c)
         tl.store(p_c + N1 * N2, b_ci.to(c.dtype.element_ty), mask=m_c)
         tl.store(cscale + i_s, b_m, mask=(i_k == 0) & (i_sb < NS))
+
+
+@triton.jit
+def _corr_spectrum_kernel(
+    za,
+    sa,
+    zb,
+    sb,
+    d,
+    f2,
+    tw,
+    B,
+    H,
+    N1: tl.constexpr,
+    N2: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """The kernel's gradient in the frequency domain: for the channels ``h = 2 q, 2 q + 1`` (``q = program_id(1)``)
+    and rows ``k1`` of block ``program_id(0)``, ``P_h = sum_b DFT(a_b) conj(DFT(b_b))`` from the pass-1 spectra
+    ``za, zb [H ceil(B/2), 2, N1, N2]`` (float16, pair ``(b, b + 1)`` as one complex signal ``Z``, scales ``sa, sb``):
+    ``DFT(x_b)[f] = (Z[f] + conj(Z[-f])) / 2`` and ``DFT(x_{b+1})[f] = (Z[f] - conj(Z[-f])) / 2i``, with
+    ``-f = L - f`` gathered in the permuted order. ``Q = P_h + i P_{h+1}`` (both inverses are real) goes through
+    ``D = (Q conj(F_N2)) ∘ conj(T)`` with tf32 products on fp32 operands (``P`` has no float16 range bound) into
+    ``d [ceil(H/2), 2, N1, N2]`` fp32, for :func:`_inverse_pass_kernel`."""
+    L: tl.constexpr = N1 * N2
+    i_k = tl.program_id(0)
+    i_q = tl.program_id(1).to(tl.int64)
+    NB2 = (B + 1) // 2
+    o_k1 = i_k * BK + tl.arange(0, BK)
+    o_k2 = tl.arange(0, N2)
+    o_f = o_k1[:, None] + N1 * o_k2[None, :]
+    o_fm = (L - o_f) % L
+    o_c = o_k1[:, None] * N2 + o_k2[None, :]
+    o_cm = (o_fm % N1) * N2 + o_fm // N1
+    b_qr = tl.zeros([BK, N2], dtype=tl.float32)
+    b_qi = tl.zeros([BK, N2], dtype=tl.float32)
+    for i_c in range(0, 2):
+        i_h = 2 * i_q + i_c
+        live = i_h < H
+        b_pr = tl.zeros([BK, N2], dtype=tl.float32)
+        b_pi = tl.zeros([BK, N2], dtype=tl.float32)
+        for i_pb in range(0, NB2):
+            i_p = tl.where(live, i_h * NB2 + i_pb, 0)
+            m_p = o_c < tl.where(live, N1 * N2, 0)
+            base = i_p * (2 * N1 * N2)
+            b_s = tl.load(sa + i_p) * tl.load(sb + i_p) * 0.25
+            # the two rows of each pair from Z[f] and conj(Z[-f]), for a and for b (x 2 each: the 1/4 above)
+            b_ar = tl.load(za + base + o_c, mask=m_p, other=0.0).to(tl.float32)
+            b_ai = tl.load(za + base + N1 * N2 + o_c, mask=m_p, other=0.0).to(tl.float32)
+            b_amr = tl.load(za + base + o_cm, mask=m_p, other=0.0).to(tl.float32)
+            b_ami = tl.load(za + base + N1 * N2 + o_cm, mask=m_p, other=0.0).to(tl.float32)
+            b_br = tl.load(zb + base + o_c, mask=m_p, other=0.0).to(tl.float32)
+            b_bi = tl.load(zb + base + N1 * N2 + o_c, mask=m_p, other=0.0).to(tl.float32)
+            b_bmr = tl.load(zb + base + o_cm, mask=m_p, other=0.0).to(tl.float32)
+            b_bmi = tl.load(zb + base + N1 * N2 + o_cm, mask=m_p, other=0.0).to(tl.float32)
+            # row b: X0 = (Z + conj Zm) ; row b + 1: X1 = (Z - conj Zm) / i  (each times 2)
+            a0r, a0i = b_ar + b_amr, b_ai - b_ami
+            a1r, a1i = b_ai + b_ami, b_amr - b_ar
+            c0r, c0i = b_br + b_bmr, b_bi - b_bmi
+            c1r, c1i = b_bi + b_bmi, b_bmr - b_br
+            # P += X0a conj(X0b) + X1a conj(X1b)
+            b_pr += b_s * (a0r * c0r + a0i * c0i + a1r * c1r + a1i * c1i)
+            b_pi += b_s * (a0i * c0r - a0r * c0i + a1i * c1r - a1r * c1i)
+        if i_c == 0:
+            b_qr, b_qi = b_pr, b_pi
+        else:
+            # Q = P_h + i P_{h+1}
+            b_qr -= b_pi
+            b_qi += b_pr
+    o_t2 = tl.arange(0, N2)
+    p_f2 = f2 + o_t2[:, None] * N2 + o_t2[None, :]
+    b_f2r = tl.load(p_f2)
+    b_f2i = tl.load(p_f2 + N2 * N2)
+    b_tr = tl.load(tw + o_c)
+    b_ti = tl.load(tw + N1 * N2 + o_c)
+    b_dr, b_di = _start_inverse(b_qr, b_qi, b_tr, b_ti, b_f2r, b_f2i, "tf32")
+    p_d = d + i_q * (2 * N1 * N2) + o_c
+    tl.store(p_d, b_dr)
+    tl.store(p_d + N1 * N2, b_di)
 
 
 @triton.jit
@@ -720,6 +801,54 @@ def fft_conv_two_pass(
     return out
 
 
+def fft_corr_sum_two_pass(
+    a: torch.Tensor, b: torch.Tensor, config: TwoPassConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host side, no autograd: :func:`fft_corr_sum_triton`'s ``out[h, s] = sum_{b, t} a[b, h, t] b[b, h, t - s]``
+    (fp32 ``[H, N]``) and ``dot[h] = sum_{b, t} a b`` (fp32 ``[H]``) on the two-pass kernels, for contiguous ``a, b
+    [B, H, N]`` (``N <= MAX_FUSED_N``): pass 1 without ``CONVOLVE`` takes the pairs of rows of ``a`` and of ``b``
+    to their float16 spectra, :func:`_corr_spectrum_kernel` separates the rows and sums ``DFT(a_b) conj(DFT(b_b))``
+    over the batch (two channels as one complex signal), and :func:`_inverse_pass_kernel` takes the channel pairs
+    back to time with tf32 products. ``dot`` is an fp32 ``einsum`` (from the spectra by Parseval it would carry
+    their float16 rounding, ~1e-3)."""
+    bsz, h, n = a.shape
+    out = torch.zeros((h, n), dtype=torch.float32, device=a.device)
+    if bsz == 0 or n == 0 or h == 0:
+        return out, torch.zeros((h,), dtype=torch.float32, device=a.device)
+    cfg = config or TwoPassConfig()
+    length, on_device = _launch_options(a)
+    n1, n2 = _factors(length)
+    prec = "fp16" if a.device.type == "cuda" else "fp16emu"
+    bk, bm, bk2 = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2), min(cfg.block_k2, n1)
+    f1h, f2h, tw = _constants(length, a.device, torch.float16)
+    f1, f2, _ = _constants(length, a.device, torch.float32)
+    nb2 = (bsz + 1) // 2
+    gp = min(cfg.pairs, nb2)
+    h2 = (h + 1) // 2
+    spectra = []
+    pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "CONJ": False, "HAS_SKIP": False}
+    pass1 |= {"num_warps": cfg.warps1, "num_stages": cfg.stages1}
+    d = torch.empty((h2, 2, n1, n2), dtype=torch.float32, device=a.device)
+    # pass 2's output scale is cscale[p] kbound[0] DSCALE / L: 1 / L here (DSCALE = 4 N2)
+    inv_dscale = torch.full((h2,), 1.0 / (4 * n2), dtype=torch.float32, device=a.device)
+    one = torch.ones((1,), dtype=torch.float32, device=a.device)
+    with on_device:
+        for x in (a, b):
+            z = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=a.device)
+            s = torch.empty((h * nb2,), dtype=torch.float32, device=a.device)
+            _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
+                x, z, s, z, s, s, s, f1h, f2h, tw, bsz, h, n, GP=gp, PAIR=True, CONVOLVE=False, **pass1
+            )
+            spectra += [z, s]
+        _corr_spectrum_kernel[(n1 // bk, h2)](*spectra, d, f2, tw, bsz, h, N1=n1, N2=n2, BK=bk, num_warps=8)
+        _inverse_pass_kernel[(n1 // 2 // bm, h2)](
+            d, inv_dscale, one, out, f1, h, 1, n, N1=n1, N2=n2, BM=bm, BK=bk2, PREC="tf32" if a.is_cuda else "ieee",
+            num_warps=cfg.warps2, num_stages=cfg.stages2,
+        )  # fmt: skip
+    PATHS[f"triton two-pass dk L={length} ({n1}x{n2})"] += 1
+    return out, torch.einsum("bht,bht->h", a.float(), b.float())
+
+
 def fft_corr_sum_triton(
     a: torch.Tensor, b: torch.Tensor, with_dot: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -789,9 +918,10 @@ def _corr_sum_torch(
 # What the op (fft_conv's Triton backend) runs. "conv": "two-pass" (fft_conv_two_pass, float16 dots: ~5e-4
 # relative RMS error, inside issue #5's 1e-3 for fp32; H100 B=8 H=768 N=8192 fp32 forward 0.70-0.74 ms against
 # torch.fft's 2.31, BENCHMARKS.md) or "fused" (fft_conv_triton_fwd: tf32x3 / tf32 dots, ~1e-6 for fp32, but
-# 0.31x torch.fft there). "dk": the kernel's gradient by "torch.fft" (rfft of both, the batch sum, one irfft) or
-# "triton" (fft_corr_sum_triton, tf32x3 / tf32: slower than torch.fft on the H100, the fused kernel's partner).
-TUNING: dict[str, str] = {"conv": "two-pass", "dk": "torch.fft"}
+# 0.31x torch.fft there). "dk": the kernel's gradient by "two-pass" (fft_corr_sum_two_pass: the same float16
+# spectra, ~5e-4), "torch.fft" (rfft of both, the batch sum, one irfft: ~2.5 ms of the 3.9 ms forward + backward
+# at that shape) or "triton" (fft_corr_sum_triton, tf32x3 / tf32: slower than torch.fft, the fused kernel's partner).
+TUNING: dict[str, str] = {"conv": "two-pass", "dk": "two-pass"}
 
 # The two-pass launch configurations, best first (H100 sweep, benchmarks/gpu_fft_conv_sweep.py --two-pass: pass 1
 # 0.56 ms, pass 2 0.18 ms at B=8 H=768 N=8192 fp32; 3 stages in pass 1 asks 232 KB there, over the H100's 227 KB);
@@ -836,9 +966,17 @@ def _(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bo
 
 @torch.library.custom_op("tilewise::fft_corr_sum", mutates_args=())
 def _fft_corr_sum_op(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = a.contiguous(), b.contiguous()
     if TUNING["dk"] == "triton":
-        return fft_corr_sum_triton(a.contiguous(), b.contiguous(), with_dot=True)
-    PATHS["torch.fft dk"] += 1
+        return fft_corr_sum_triton(a, b, with_dot=True)
+    if TUNING["dk"] == "two-pass" and a.numel():
+        key = ("two-pass dk", fft_length(a.shape[-1], _MIN_L), a.dtype, b.dtype, a.device)
+        done: list = []
+        if _first_that_fits(key, _TWO_PASS_CONFIGS, lambda c: done.append(fft_corr_sum_two_pass(a, b, c))):
+            return done[-1]
+        PATHS["torch.fft dk (no two-pass configuration fits)"] += 1
+    else:
+        PATHS["torch.fft dk"] += 1
     return _corr_sum_torch(a, b)
 
 
