@@ -14,17 +14,15 @@ import torch
 from tilewise._backend import ENV_VAR, resolve_backend
 from tilewise.ops.fft_conv.reference import fft_conv_ref
 
-__all__ = ["AUTO_TRITON_MIN_N", "AUTO_TRITON_MIN_N_NO_GRAD", "MAX_TRITON_N", "fft_conv"]
+__all__ = ["AUTO_TRITON_MIN_N", "MAX_TRITON_N", "fft_conv"]
 
 # Longest N the Triton kernel convolves (a 2N-point transform in one program); must equal triton.MAX_FUSED_N.
 MAX_TRITON_N = 8192
-# Shortest N that backend="auto" sends to Triton, when a gradient will be taken and when not. Both paths cost by
-# the transform length L (the power of two >= 2N). H100, B=8 H=768, fp32 / bf16 (BENCHMARKS.md), forward and
-# forward + backward against torch.fft: N = 8192: 3.3x / 4.2x and 1.8x / 1.9x; N = 4096: 2.5x / 3.3x and
-# 1.5x / 1.2x; N = 2048: 3.0x / 2.0x and 0.90x / 1.45x; N = 1024: 1.09x / 1.12x and 0.61x / 0.64x (the backward's
-# dk is torch.fft's, and at short N the launches dominate).
-AUTO_TRITON_MIN_N = 2049
-AUTO_TRITON_MIN_N_NO_GRAD = 1025
+# Shortest N that backend="auto" sends to Triton. Both paths cost by the transform length L (the power of two
+# >= 2N). H100, B=8 H=768, fp32 / bf16, forward and forward + backward against torch.fft (BENCHMARKS.md):
+# N = 8192: 3.3x / 4.1x and 2.1x / 2.2x; N = 4096: 3.0x / 3.8x and 2.0x / 2.1x; N = 2048: 2.3x / 4.5x and
+# 1.3x / 1.3x; N = 1024: 1.8x / 0.86x and 0.90x / 0.86x (there the launches dominate).
+AUTO_TRITON_MIN_N = 1025
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -72,13 +70,12 @@ def fft_conv(
             not only powers of two; ``B`` or ``H`` may be 0.
         k: ``[H, N]`` kernel, any floating dtype; zero-pad a shorter kernel to ``N``.
         skip: optional ``[H]`` weight of the direct term (the ``D`` of an SSM).
-        backend: ``"auto"`` (Triton on CUDA for ``AUTO_TRITON_MIN_N <= N <= MAX_TRITON_N``, from
-            ``AUTO_TRITON_MIN_N_NO_GRAD`` when no gradient is taken: where it measured faster; else the
-            ``torch.fft`` reference),
+        backend: ``"auto"`` (Triton on CUDA for ``AUTO_TRITON_MIN_N <= N <= MAX_TRITON_N``, where it measured
+            faster; else the ``torch.fft`` reference),
             ``"triton"`` (CUDA, ``N <= MAX_TRITON_N``) or ``"reference"``. The Triton path computes the transforms
-            with float16 products (~5e-4 relative error for fp32 I/O, README.md) and is ~3x faster than torch.fft
-            on an H100 at ``B=8 H=768 N=8192`` (BENCHMARKS.md); ``TILEWISE_BACKEND=reference`` keeps
-            ``"auto"`` on torch.fft.
+            with float16 products (~5e-4 relative error for fp32 I/O, README.md); on an H100 at
+            ``B=8 H=768 N=8192`` it is 3.3x (fp32) / 4.1x (bf16) torch.fft's speed forward, 2.1-2.2x forward +
+            backward (BENCHMARKS.md). ``TILEWISE_BACKEND=reference`` keeps ``"auto"`` on torch.fft.
 
     Returns:
         ``[B, H, N]`` tensor of ``u``'s dtype.
@@ -114,10 +111,8 @@ def fft_conv(
                 "'reference' (torch.fft) for longer sequences"
             )
         chosen = "reference"
-    if chosen == "triton" and not forced:
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if u.shape[-1] < (AUTO_TRITON_MIN_N if grad else AUTO_TRITON_MIN_N_NO_GRAD):
-            chosen = "reference"
+    if chosen == "triton" and not forced and u.shape[-1] < AUTO_TRITON_MIN_N:
+        chosen = "reference"
     if chosen == "reference":
         return fft_conv_ref(u, k, skip)
     from tilewise.ops.fft_conv.triton import fft_conv_triton
