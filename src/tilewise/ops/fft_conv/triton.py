@@ -930,8 +930,8 @@ def _corr_sum_torch(
 # relative RMS error, inside issue #5's 1e-3 for fp32; H100 B=8 H=768 N=8192 fp32 forward 0.70-0.74 ms against
 # torch.fft's 2.31, BENCHMARKS.md) or "fused" (fft_conv_triton_fwd: tf32x3 / tf32 dots, ~1e-6 for fp32, but
 # 0.31x torch.fft there). "dk": the kernel's gradient by "two-pass" (fft_corr_sum_two_pass: the same float16
-# spectra, ~5e-4), "torch.fft" (rfft of both, the batch sum, one irfft: ~2.5 ms of the 3.9 ms forward + backward
-# at that shape) or "triton" (fft_corr_sum_triton, tf32x3 / tf32: slower than torch.fft, the fused kernel's partner).
+# spectra, ~5e-4; 1.88 ms at that shape), "torch.fft" (rfft of both, the batch sum, one irfft: 2.45 ms) or
+# "triton" (fft_corr_sum_triton, tf32x3 / tf32: slower than torch.fft, the fused kernel's partner).
 TUNING: dict[str, str] = {"conv": "two-pass", "dk": "two-pass"}
 
 # The two-pass launch configurations, best first (H100 sweep, benchmarks/gpu_fft_conv_sweep.py --two-pass: pass 1
