@@ -21,8 +21,10 @@ MAX_TRITON_N = 8192
 # Shortest N that backend="auto" sends to Triton. Both paths cost by the transform length L (the power of two
 # >= 2N). H100, B=8 H=768, fp32 / bf16, forward and forward + backward against torch.fft (BENCHMARKS.md):
 # N = 8192: 3.3x / 4.1x and 2.1x / 2.2x; N = 4096: 3.0x / 3.8x and 2.0x / 2.1x; N = 2048: 2.3x / 4.5x and
-# 1.3x / 1.3x; N = 1024: 1.8x / 0.86x and 0.90x / 0.86x (there the launches dominate).
-AUTO_TRITON_MIN_N = 1025
+# 1.3x / 1.3x; N = 1024: 1.8x / 0.86x and 0.90x / 0.86x. At N = 2048 with B=4 (tilewise bench mixers, per-call
+# timing that counts the host) forward + backward was 0.55x: the split path's ~10 launches a step dominate there.
+# So auto starts at L = 8192.
+AUTO_TRITON_MIN_N = 2049
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
