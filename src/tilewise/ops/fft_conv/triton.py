@@ -252,7 +252,6 @@ def _forward_pass_kernel(
     CONJ: tl.constexpr,
     HAS_SKIP: tl.constexpr,
     PREC: tl.constexpr,
-    KARATSUBA: tl.constexpr = False,
 ):
     """Pass 1 of the two-pass convolution, rows ``k1`` of block ``program_id(0)``, for up to ``GP`` signals of
     channel ``h = program_id(1)`` (group ``program_id(2)``): the permuted spectrum ``C = ((F_N1 A) ∘ T) F_N2``, and
@@ -270,8 +269,7 @@ def _forward_pass_kernel(
     impulse has the constant spectrum ``skip``; ``kbound = sum |k[h]| + |skip[h]|`` (1 if 0) bounds every
     component, so ``|K| <= 1``), ``conj(K)`` for the correlation. The blocks of one group are adjacent in the
     launch order, so the signals' rows are read from HBM once; ``F_N1``'s block, the twiddles, ``F_N2`` and ``K``
-    are loaded once a program, and the loop over signals is pipelined. ``KARATSUBA`` makes each complex product three
-    real dots (``(a + ib)(c + id)``: ``ac``, ``bd``, ``(a + b)(c + d)``) instead of four."""
+    are loaded once a program, and the loop over signals is pipelined."""
     N1H: tl.constexpr = N1 // 2
     DSCALE: tl.constexpr = N2 * 4
     i_k = tl.program_id(0)
@@ -315,37 +313,17 @@ def _forward_pass_kernel(
             if HAS_SKIP:
                 b_l1 += tl.abs(tl.load(skip + i_sb, mask=i_sb < NS, other=0.0).to(tl.float32))
             tl.store(kbound + i_sb, b_l1, mask=(i_k == 0) & (i_sb < NS))
-        b_xo = _to_operand(b_xr / b_m, PREC)
-        if PAIR and KARATSUBA:
-            t1 = _mm(b_f1r, b_xo, None, PREC)
-            t2 = _mm(b_f1i, _to_operand(b_xi / b_m, PREC), None, PREC)
-            t3 = _mm(b_f1r + b_f1i, _to_operand((b_xr + b_xi) / b_m, PREC), None, PREC)
-            b_br, b_bi = t1 - t2, t3 - t1 - t2
-        else:
-            b_br = _mm(b_f1r, b_xo, None, PREC)
-            b_bi = _mm(b_f1i, b_xo, None, PREC)
-            if PAIR:
-                # (F1r + i F1i)(xr + i xi): the sign goes on the signal's operand, not on a copy of F1i
-                b_br = _mm(b_f1i, _to_operand(-b_xi / b_m, PREC), b_br, PREC)
-                b_bi = _mm(b_f1r, _to_operand(b_xi / b_m, PREC), b_bi, PREC)
-        if KARATSUBA:
-            b_br, b_bi = _cmul(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32))
-            t1 = _mm(b_br, b_f2r, None, PREC)
-            t2 = _mm(b_bi, b_f2i, None, PREC)
-            t3 = _mm(b_br + b_bi, b_f2r + b_f2i, None, PREC)
-            b_cr, b_ci = t1 - t2, t3 - t1 - t2
-        else:
-            b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
+        b_xr = _to_operand(b_xr / b_m, PREC)
+        b_br = _mm(b_f1r, b_xr, None, PREC)
+        b_bi = _mm(b_f1i, b_xr, None, PREC)
+        if PAIR:
+            # (F1r + i F1i)(xr + i xi): the sign goes on the signal's operand, not on a copy of F1i
+            b_br = _mm(b_f1i, _to_operand(-b_xi / b_m, PREC), b_br, PREC)
+            b_bi = _mm(b_f1r, _to_operand(b_xi / b_m, PREC), b_bi, PREC)
+        b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
         if CONVOLVE:
             b_cr, b_ci = _cmul(b_cr, b_ci, b_kr.to(tl.float32), b_ki.to(tl.float32))
-            if KARATSUBA:
-                # (Er + i Ei)(F2r - i F2i)
-                t1 = _mm(b_cr, b_f2r, None, PREC)
-                t2 = _mm(b_ci, -b_f2i, None, PREC)
-                t3 = _mm(b_cr + b_ci, b_f2r - b_f2i, None, PREC)
-                b_cr, b_ci = _cmul(t1 - t2, t3 - t1 - t2, b_tr.to(tl.float32), -b_ti.to(tl.float32))
-            else:
-                b_cr, b_ci = _start_inverse(b_cr, b_ci, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
+            b_cr, b_ci = _start_inverse(b_cr, b_ci, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
             b_cr *= 1.0 / DSCALE
             b_ci *= 1.0 / DSCALE
         i_s = i_h * NS + i_sb
@@ -742,8 +720,7 @@ def fft_conv_triton_fwd(
 class TwoPassConfig(NamedTuple):
     """Launch configuration of the two-pass convolution: pass 1's rows ``k1`` a program, signals a program, warps
     and pipelining stages; pass 2's output rows a program, step over ``k1``, warps and stages; a register cap per
-    thread for each (``maxnreg``, None: the compiler's choice), which can let two programs share an SM; three real
-    dots a complex product in pass 1 (``karatsuba``)."""
+    thread for each (``maxnreg``, None: the compiler's choice), which can let two programs share an SM."""
 
     block_k: int = 128
     pairs: int = 4
@@ -755,7 +732,6 @@ class TwoPassConfig(NamedTuple):
     stages2: int = 3
     maxnreg1: int | None = None
     maxnreg2: int | None = None
-    karatsuba: bool = False
 
 
 def fft_conv_two_pass(
@@ -803,7 +779,7 @@ def fft_conv_two_pass(
     kscale = torch.empty((h,), dtype=torch.float32, device=u.device)
     kbound = torch.empty((h,), dtype=torch.float32, device=u.device)
     pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "CONJ": correlate, "HAS_SKIP": skip is not None}
-    pass1 |= {"num_warps": cfg.warps1, "num_stages": cfg.stages1, "KARATSUBA": cfg.karatsuba}
+    pass1 |= {"num_warps": cfg.warps1, "num_stages": cfg.stages1}
     if cfg.maxnreg1 and u.is_cuda:
         pass1["maxnreg"] = cfg.maxnreg1
     skip_arg = skip if skip is not None else kbound
