@@ -403,10 +403,7 @@ def _corr_spectrum_kernel(
             # Q = P_h + i P_{h+1}
             b_qr -= b_pi
             b_qi += b_pr
-    o_t2 = tl.arange(0, N2)
-    p_f2 = f2 + o_t2[:, None] * N2 + o_t2[None, :]
-    b_f2r = tl.load(p_f2)
-    b_f2i = tl.load(p_f2 + N2 * N2)
+    b_f2r, b_f2i = _load_f2(f2, N2)
     b_tr = tl.load(tw + o_c)
     b_ti = tl.load(tw + N1 * N2 + o_c)
     b_dr, b_di = _start_inverse(b_qr, b_qi, b_tr, b_ti, b_f2r, b_f2i, PREC)
@@ -619,6 +616,17 @@ def _first_that_fits(key: tuple, configs: Sequence, launch: Callable[[Any], None
     return first_that_fits(_CHOSEN, key, configs, launch)
 
 
+def _conv_torch(
+    u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """The convolution (or correlation) plus the skip term by ``torch.fft`` into ``out``: the launch fallbacks'
+    last resort."""
+    y = _corr_torch(u, k) if correlate else fft_conv_ref(u.float(), k.float())
+    if skip is not None:
+        y = y + skip.float()[:, None] * u.float()
+    return out.copy_(y)
+
+
 def _corr_torch(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``y[b, h, t] = sum_{s >= t} k[h, s - t] u[b, h, s]`` by ``torch.fft`` (fp32): the convolution of the
     time-reversed row, reversed back."""
@@ -711,10 +719,7 @@ def fft_conv_triton_fwd(
         PATHS[ran.describe(length, prec) + ("" if n2 == _factors(length)[1] else f" N2={n2}")] += 1
         return out
     PATHS[f"torch.fft L={length} (no kernel configuration fits)"] += 1
-    y = _corr_torch(u, k) if correlate else fft_conv_ref(u.float(), k.float())
-    if skip is not None:
-        y = y + skip.float()[:, None] * u.float()
-    return out.copy_(y)
+    return _conv_torch(u, k, skip, correlate, out)
 
 
 class TwoPassConfig(NamedTuple):
@@ -959,10 +964,7 @@ def _conv(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate
     if ran is not None:
         return out
     PATHS[f"torch.fft L={length} (no two-pass configuration fits)"] += 1
-    y = _corr_torch(u, k) if correlate else fft_conv_ref(u.float(), k.float())
-    if skip is not None:
-        y = y + skip.float()[:, None] * u.float()
-    return out.copy_(y)
+    return _conv_torch(u, k, skip, correlate, out)
 
 
 @torch.library.custom_op("tilewise::fft_conv", mutates_args=())
