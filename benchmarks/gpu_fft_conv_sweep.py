@@ -96,7 +96,7 @@ def _stats() -> dict:
     from tilewise.ops.fft_conv import triton as tt
 
     found = {}
-    kernels = (tt._fft_conv_kernel, tt._forward_pass_kernel, tt._inverse_pass_kernel)
+    kernels = (tt._fft_conv_kernel, tt._forward_pass_kernel, tt._conv_pass_kernel, tt._inverse_pass_kernel)
     caches = [c for kern in kernels for c in getattr(kern, "device_caches", {}).values()]
     for cache in caches:
         for key, kern in cache[0].items():

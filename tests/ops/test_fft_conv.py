@@ -418,15 +418,15 @@ def test_two_pass_falls_back_when_shared_memory_runs_out(
     u, k, skip = inputs(3, 2, 100, device=device)
     want = fft_conv_ref(u.double(), k.double(), skip.double())
     # the first configuration's pass 1 (128-row blocks) does not fit: the second runs, and is remembered
-    fake = _NoSharedMemory(tt._forward_pass_kernel, lambda kw: kw["num_warps"] == 8)
-    monkeypatch.setattr(tt, "_forward_pass_kernel", fake)
+    fake = _NoSharedMemory(tt._conv_pass_kernel, lambda kw: kw["num_warps"] == 8)
+    monkeypatch.setattr(tt, "_conv_pass_kernel", fake)
     tt.reset_paths()
     for _ in range(2):
         assert_rel_rms(triton_conv(u, k, skip), want, TWO_PASS_REL)
-    assert [kw["num_warps"] for kw in fake.tried] == [8, 4, 4, 4, 4]  # k rows, then pairs: twice on the 2nd call
+    assert [kw["num_warps"] for kw in fake.tried] == [8, 4, 4]  # the 2nd call goes straight to the one that fit
     assert list(tt.PATHS) == [f"triton two-pass L=512 (32x16) {tt._TWO_PASS_CONFIGS[1]} fp16"]
     # nothing fits: torch.fft, and PATHS says so
-    monkeypatch.setattr(tt, "_forward_pass_kernel", _NoSharedMemory(fake.kernel, lambda kw: True))
+    monkeypatch.setattr(tt, "_conv_pass_kernel", _NoSharedMemory(fake.kernel, lambda kw: True))
     monkeypatch.setattr(tt, "_CHOSEN", {})
     tt.reset_paths()
     assert_rel_rms(triton_conv(u, k, skip), want, FP32_REL)

@@ -90,6 +90,17 @@ def _cmul(ar, ai, br, bi):
 
 
 @triton.jit
+def _twiddle(ar, ai, br, bi, HALF: tl.constexpr):
+    """The fp32 tile ``a`` times the float16 tile ``b``, rounded to float16 (the next dot's operand): in fp32, or
+    with ``HALF`` in float16 after rounding ``a`` (packed float16 instructions; two more roundings of 2^-11)."""
+    if HALF:
+        return _cmul(ar.to(tl.float16), ai.to(tl.float16), br, bi)
+    else:
+        cr, ci = _cmul(ar, ai, br.to(tl.float32), bi.to(tl.float32))
+        return cr.to(tl.float16), ci.to(tl.float16)
+
+
+@triton.jit
 def _cdot(ar, ai, br, bi, PREC: tl.constexpr):
     """``(ar + i ai) @ (br + i bi)`` as four real dots."""
     b_r = _mm(ar, br, None, PREC)
@@ -233,6 +244,85 @@ def _forward_pass_kernel(
     x,
     c,
     cscale,
+    kbound,
+    skip,
+    f1,
+    f2,
+    tw,
+    B,
+    H,
+    N,
+    N1: tl.constexpr,
+    N2: tl.constexpr,
+    BK: tl.constexpr,
+    GP: tl.constexpr,
+    PAIR: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Rows ``k1`` of block ``program_id(0)`` of the permuted spectrum ``C = ((F_N1 A) ∘ T) F_N2`` for up to ``GP``
+    signals of channel ``h = program_id(1)`` (group ``program_id(2)``), stored in float16 to ``c [S, 2, N1, N2]``.
+
+    With ``PAIR`` a signal is two rows ``b, b + 1`` as one complex signal (``S = H ceil(B / 2)``, signal
+    ``s = h ceil(B / 2) + b / 2``): the spectra of the pairs of ``dy`` and ``u`` for the kernel's gradient
+    (:func:`_corr_spectrum_kernel`). Without it one real row (``S = B H``, ``s = h B + b``): the kernel ``k``,
+    launched as ``B = H`` rows of one channel, which also stores ``kbound[s] = sum |k[s]| + |skip[s]|`` (a bound
+    on every component of ``DFT(k) + skip``). Each signal is divided by its largest magnitude, stored in
+    ``cscale[s]``, so every component of ``C`` stays under ``sqrt(2) N1 N2 / 2`` (float16's range at
+    ``L <= 16384``, README.md). The blocks of one group are adjacent in the launch order, so the signals' rows are
+    read from HBM once; ``F_N1``'s block, the twiddles and ``F_N2`` are loaded once a program."""
+    N1H: tl.constexpr = N1 // 2
+    i_k = tl.program_id(0)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_g = tl.program_id(2)
+    NS = (B + 1) // 2 if PAIR else B
+    b_f2r, b_f2i = _load_f2(f2, N2)
+    b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
+    b_tr = b_tr.to(tl.float16)
+    b_ti = b_ti.to(tl.float16)
+    o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    o_c = (i_k * BK + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
+    # masks, not a branch, for the signals past the last: the loop stays one block the compiler can pipeline
+    for i_q in range(0, GP):
+        i_sb = i_g * GP + i_q
+        # a signal past the last: every mask empty
+        n_live = tl.where(i_sb < NS, N, 0)
+        i_b = i_sb * 2 if PAIR else i_sb
+        p_x = x + (i_b * H + i_h) * N + o_t
+        b_xr = tl.load(p_x, mask=o_t < n_live, other=0.0).to(tl.float32)
+        b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
+        if PAIR:
+            m_t2 = o_t < tl.where(i_b + 1 < B, n_live, 0)
+            b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
+            b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
+        else:
+            b_l1 = tl.sum(tl.sum(tl.abs(b_xr), axis=1), axis=0)
+            if HAS_SKIP:
+                b_l1 += tl.abs(tl.load(skip + i_sb, mask=i_sb < NS, other=0.0).to(tl.float32))
+            tl.store(kbound + i_sb, b_l1, mask=(i_k == 0) & (i_sb < NS))
+        b_m = tl.where(b_m > 0, b_m, 1.0)
+        b_r = 1.0 / b_m
+        b_xr = _to_operand(b_xr * b_r, PREC)
+        b_br = _mm(b_f1r, b_xr, None, PREC)
+        b_bi = _mm(b_f1i, b_xr, None, PREC)
+        if PAIR:
+            # (F1r + i F1i)(xr + i xi): the sign goes on the signal's operand, not on a copy of F1i
+            b_br = _mm(b_f1i, _to_operand(-b_xi * b_r, PREC), b_br, PREC)
+            b_bi = _mm(b_f1r, _to_operand(b_xi * b_r, PREC), b_bi, PREC)
+        b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
+        i_s = i_h * NS + i_sb
+        p_c = c + i_s * (2 * N1 * N2) + o_c
+        m_c = o_c < tl.where(i_sb < NS, N1 * N2, 0)
+        tl.store(p_c, b_cr.to(c.dtype.element_ty), mask=m_c)
+        tl.store(p_c + N1 * N2, b_ci.to(c.dtype.element_ty), mask=m_c)
+        tl.store(cscale + i_s, b_m, mask=(i_k == 0) & (i_sb < NS))
+
+
+@triton.jit
+def _conv_pass_kernel(
+    x,
+    d,
+    cscale,
     kc,
     kscale,
     kbound,
@@ -247,90 +337,84 @@ def _forward_pass_kernel(
     N2: tl.constexpr,
     BK: tl.constexpr,
     GP: tl.constexpr,
-    PAIR: tl.constexpr,
-    CONVOLVE: tl.constexpr,
     CONJ: tl.constexpr,
     HAS_SKIP: tl.constexpr,
+    HALF: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Pass 1 of the two-pass convolution, rows ``k1`` of block ``program_id(0)``, for up to ``GP`` signals of
-    channel ``h = program_id(1)`` (group ``program_id(2)``): the permuted spectrum ``C = ((F_N1 A) ∘ T) F_N2``, and
-    with ``CONVOLVE`` then ``D = ((C ∘ K) conj(F_N2)) ∘ conj(T) / DSCALE``, stored in float16 to
-    ``c [S, 2, N1, N2]``.
+    """Pass 1 of the two-pass convolution, rows ``k1`` of block ``program_id(0)``, for up to ``GP`` pairs of rows
+    ``b, b + 1`` (one complex signal ``A``, pair ``s = h ceil(B / 2) + b / 2``) of channel ``h = program_id(1)``
+    (group ``program_id(2)``): ``C = ((F_N1 A) ∘ T) F_N2``, ``E = C ∘ K``, ``D = (E conj(F_N2)) ∘ conj(T) / DSCALE``,
+    stored in float16 to ``d [S, 2, N1, N2]``, with the pair's scale ``cscale[s]`` (its largest magnitude).
 
-    With ``PAIR`` a signal is two rows ``b, b + 1`` as one complex signal (as :func:`_fft_conv_kernel`;
-    ``S = H ceil(B / 2)``, signal ``s = h ceil(B / 2) + b / 2``), without it one real row (``S = B H``,
-    ``s = h B + b``: the kernel ``k`` goes through first, without ``CONVOLVE``, as ``B = H`` rows of one channel,
-    and stores ``kbound[h]``). With ``PAIR`` and without ``CONVOLVE`` it is the forward transform alone (``C`` of
-    the pairs of ``dy`` and ``u`` for the kernel's gradient, :func:`_corr_spectrum_kernel`). Each signal is divided
-    by its largest magnitude, stored in ``cscale[s]``, so every component of ``C`` stays under
-    ``sqrt(2) N1 N2 / 2`` (float16's range at ``L <= 16384``, README.md). The kernel's spectrum is
-    ``K = (C_k kscale[h] + skip[h]) / kbound[h]`` from that first launch (``C_k = kc[h]``; ``skip`` times a unit
-    impulse has the constant spectrum ``skip``; ``kbound = sum |k[h]| + |skip[h]|`` (1 if 0) bounds every
-    component, so ``|K| <= 1``), ``conj(K)`` for the correlation. The blocks of one group are adjacent in the
-    launch order, so the signals' rows are read from HBM once; ``F_N1``'s block, the twiddles, ``F_N2`` and ``K``
-    are loaded once a program, and the loop over signals is pipelined."""
+    ``K = (C_k kscale[h] + skip[h]) / kbound[h]`` is the kernel's spectrum from :func:`_forward_pass_kernel`
+    (``C_k = kc[h]``; ``skip`` times a unit impulse has the constant spectrum ``skip``; ``|K| <= 1``), ``conj(K)``
+    for the correlation. ``f1 [3, N1, N1]`` and ``f2 [3, N2, N2]`` hold ``(Re F, Im F, -Im F)`` in float16, so no
+    complex product negates a tile. The twiddle and kernel products are fp32 on fp32 accumulators, or with
+    ``HALF`` (16-bit I/O, whose own rounding dominates) float16 products on the float16 operands (packed
+    instructions, a third of the elementwise work). ``F_N1``'s block, the twiddles, ``F_N2`` and ``K`` are loaded
+    once a program and the loop over pairs is pipelined; masks, not a branch, for the last group's empty slots."""
     N1H: tl.constexpr = N1 // 2
     DSCALE: tl.constexpr = N2 * 4
     i_k = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
     i_g = tl.program_id(2)
-    NS = (B + 1) // 2 if PAIR else B
-    b_f2r, b_f2i = _load_f2(f2, N2)
-    b_f1r, b_f1i, b_tr, b_ti = _load_block(f1, tw, i_k, N1, N1H, N2, BK)
-    b_tr = b_tr.to(tl.float16)
-    b_ti = b_ti.to(tl.float16)
-    o_t = tl.arange(0, N1H)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    o_c = (i_k * BK + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
-    if CONVOLVE:
-        b_bound = tl.load(kbound + i_h)
-        b_bound = tl.where(b_bound > 0, b_bound, 1.0)
-        b_ks = tl.load(kscale + i_h) / b_bound
-        p_kc = kc + i_h * (2 * N1 * N2) + o_c
-        b_kr = tl.load(p_kc).to(tl.float32) * b_ks
-        if HAS_SKIP:
-            b_kr += tl.load(skip + i_h).to(tl.float32) / b_bound
-        b_kr = b_kr.to(tl.float16)
-        b_ki = (tl.load(p_kc + N1 * N2).to(tl.float32) * tl.where(CONJ, -b_ks, b_ks)).to(tl.float16)
-    # masks, not a branch, for the signals past the last: the loop stays one block the compiler can pipeline
+    NS = (B + 1) // 2
+    o_n2 = tl.arange(0, N2)
+    p_f2 = f2 + o_n2[:, None] * N2 + o_n2[None, :]
+    b_f2r = tl.load(p_f2)
+    b_f2i = tl.load(p_f2 + N2 * N2)
+    b_f2n = tl.load(p_f2 + 2 * N2 * N2)
+    o_k1 = i_k * BK + tl.arange(0, BK)
+    p_f1 = f1 + o_k1[:, None] * N1 + tl.arange(0, N1H)[None, :]
+    b_f1r = tl.load(p_f1)
+    b_f1i = tl.load(p_f1 + N1 * N1)
+    b_f1n = tl.load(p_f1 + 2 * N1 * N1)
+    o_c = o_k1[:, None] * N2 + o_n2[None, :]
+    b_tr = tl.load(tw + o_c).to(tl.float16)
+    b_ti = tl.load(tw + N1 * N2 + o_c).to(tl.float16)
+    b_tn = -b_ti
+    o_t = tl.arange(0, N1H)[:, None] * N2 + o_n2[None, :]
+    b_bound = tl.load(kbound + i_h)
+    b_bound = tl.where(b_bound > 0, b_bound, 1.0)
+    b_ks = tl.load(kscale + i_h) / b_bound
+    p_kc = kc + i_h * (2 * N1 * N2) + o_c
+    b_kr = tl.load(p_kc).to(tl.float32) * b_ks
+    if HAS_SKIP:
+        b_kr += tl.load(skip + i_h).to(tl.float32) / b_bound
+    b_kr = b_kr.to(tl.float16)
+    b_ki = (tl.load(p_kc + N1 * N2).to(tl.float32) * tl.where(CONJ, -b_ks, b_ks)).to(tl.float16)
     for i_q in range(0, GP):
         i_sb = i_g * GP + i_q
-        # a signal past the last: every mask empty
+        i_b = i_sb * 2
+        # a pair past the last: every mask empty
         n_live = tl.where(i_sb < NS, N, 0)
-        i_b = i_sb * 2 if PAIR else i_sb
         p_x = x + (i_b * H + i_h) * N + o_t
         b_xr = tl.load(p_x, mask=o_t < n_live, other=0.0).to(tl.float32)
-        b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
-        if PAIR:
-            m_t2 = o_t < tl.where(i_b + 1 < B, n_live, 0)
-            b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
-            b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
+        b_xi = tl.load(p_x + H * N, mask=o_t < tl.where(i_b + 1 < B, n_live, 0), other=0.0).to(tl.float32)
+        b_m = tl.maximum(tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0), tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
         b_m = tl.where(b_m > 0, b_m, 1.0)
-        if not CONVOLVE and not PAIR:
-            # the kernel's rows (launched as B = H rows of one channel): their bound sum |k| + |skip| (every
-            # component of DFT(k) + skip is at most that)
-            b_l1 = tl.sum(tl.sum(tl.abs(b_xr), axis=1), axis=0)
-            if HAS_SKIP:
-                b_l1 += tl.abs(tl.load(skip + i_sb, mask=i_sb < NS, other=0.0).to(tl.float32))
-            tl.store(kbound + i_sb, b_l1, mask=(i_k == 0) & (i_sb < NS))
-        b_xr = _to_operand(b_xr / b_m, PREC)
-        b_br = _mm(b_f1r, b_xr, None, PREC)
-        b_bi = _mm(b_f1i, b_xr, None, PREC)
-        if PAIR:
-            # (F1r + i F1i)(xr + i xi): the sign goes on the signal's operand, not on a copy of F1i
-            b_br = _mm(b_f1i, _to_operand(-b_xi / b_m, PREC), b_br, PREC)
-            b_bi = _mm(b_f1r, _to_operand(b_xi / b_m, PREC), b_bi, PREC)
-        b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
-        if CONVOLVE:
-            b_cr, b_ci = _cmul(b_cr, b_ci, b_kr.to(tl.float32), b_ki.to(tl.float32))
-            b_cr, b_ci = _start_inverse(b_cr, b_ci, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
-            b_cr *= 1.0 / DSCALE
-            b_ci *= 1.0 / DSCALE
+        b_r = 1.0 / b_m
+        b_xr = _to_operand(b_xr * b_r, PREC)
+        b_xi = _to_operand(b_xi * b_r, PREC)
+        # B = F1 A: re = F1r xr - F1i xi, im = F1i xr + F1r xi
+        b_br = _mm(b_f1n, b_xi, _mm(b_f1r, b_xr, None, PREC), PREC)
+        b_bi = _mm(b_f1r, b_xi, _mm(b_f1i, b_xr, None, PREC), PREC)
+        # C = (B ∘ T) F2
+        b_br, b_bi = _twiddle(b_br, b_bi, b_tr, b_ti, HALF)
+        b_cr = _mm(b_bi, b_f2n, _mm(b_br, b_f2r, None, PREC), PREC)
+        b_ci = _mm(b_bi, b_f2r, _mm(b_br, b_f2i, None, PREC), PREC)
+        # E = C ∘ K;  D = E conj(F2): re = Er F2r + Ei F2i, im = Ei F2r - Er F2i
+        b_cr, b_ci = _twiddle(b_cr, b_ci, b_kr, b_ki, HALF)
+        b_dr = _mm(b_ci, b_f2i, _mm(b_cr, b_f2r, None, PREC), PREC)
+        b_di = _mm(b_cr, b_f2n, _mm(b_ci, b_f2r, None, PREC), PREC)
+        # D ∘ conj(T) / DSCALE (the fp32 accumulator is up to 64 x 11585: scaled before any float16 rounding)
+        b_dr, b_di = _twiddle(b_dr * (1.0 / DSCALE), b_di * (1.0 / DSCALE), b_tr, b_tn, HALF)
         i_s = i_h * NS + i_sb
-        p_c = c + i_s * (2 * N1 * N2) + o_c
+        p_d = d + i_s * (2 * N1 * N2) + o_c
         m_c = o_c < tl.where(i_sb < NS, N1 * N2, 0)
-        tl.store(p_c, b_cr.to(c.dtype.element_ty), mask=m_c)
-        tl.store(p_c + N1 * N2, b_ci.to(c.dtype.element_ty), mask=m_c)
+        tl.store(p_d, b_dr.to(d.dtype.element_ty), mask=m_c)
+        tl.store(p_d + N1 * N2, b_di.to(d.dtype.element_ty), mask=m_c)
         tl.store(cscale + i_s, b_m, mask=(i_k == 0) & (i_sb < NS))
 
 
@@ -597,6 +681,15 @@ def _constants(
     return dft_matrix(n1, device).to(dtype), dft_matrix(n2, device).to(dtype), twiddle(n1, n2, device)
 
 
+@functools.cache
+def _negated_constants(length: int, device: torch.device, n2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F_N1`` and ``F_N2`` as float16 ``[3, n, n]``: ``(Re F, Im F, -Im F)``, for :func:`_conv_pass_kernel`."""
+    f1, f2, _ = _constants(length, device, torch.float16, n2)
+    n1, n2 = _factors(length, n2)
+    f1, f2 = f1.view(2, n1, n1), f2.view(2, n2, n2)
+    return torch.cat([f1, -f1[1:]]).contiguous(), torch.cat([f2, -f2[1:]]).contiguous()
+
+
 def kernel_spectrum(k: torch.Tensor, length: int, n2: int | None = None) -> torch.Tensor:
     """``[H, 2, N1, N2]`` fp32 permuted spectrum of ``k [H, N]`` zero-padded to ``length``, times ``1 / length``:
     ``khat[h, :, k1, k2] = DFT_L(k[h])[k1 + N1 k2] / L`` (re, im). One ``torch.fft`` over ``H`` rows."""
@@ -775,6 +868,7 @@ def fft_conv_two_pass(
     prec = "fp16" if u.device.type == "cuda" else "fp16emu"
     bk, bm, bk2 = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2), min(cfg.block_k2, n1)
     f1, f2, tw = _constants(length, u.device, torch.float16, n2)
+    f1n, f2n = _negated_constants(length, u.device, n2)
     nb2 = (b + 1) // 2
     gp = min(cfg.pairs, nb2)
     gp_k = min(cfg.pairs, h)
@@ -783,7 +877,7 @@ def fft_conv_two_pass(
     kc = torch.empty((h, 2, n1, n2), dtype=torch.float16, device=u.device)
     kscale = torch.empty((h,), dtype=torch.float32, device=u.device)
     kbound = torch.empty((h,), dtype=torch.float32, device=u.device)
-    pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "CONJ": correlate, "HAS_SKIP": skip is not None}
+    pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "HAS_SKIP": skip is not None}
     pass1 |= {"num_warps": cfg.warps1, "num_stages": cfg.stages1}
     if cfg.maxnreg1 and u.is_cuda:
         pass1["maxnreg"] = cfg.maxnreg1
@@ -792,12 +886,11 @@ def fft_conv_two_pass(
         if only_pass != 2:
             # the kernel's rows as B = H rows of one channel, GP of them a program
             _forward_pass_kernel[(n1 // bk, 1, triton.cdiv(h, gp_k))](
-                k, kc, kscale, kc, kscale, kbound, skip_arg, f1, f2, tw, h, 1, n, GP=gp_k, PAIR=False,
-                CONVOLVE=False, **pass1,
-            )  # fmt: skip
-            _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
-                u, d, cscale, kc, kscale, kbound, skip_arg, f1, f2, tw, b, h, n, GP=gp, PAIR=True, CONVOLVE=True,
-                **pass1,
+                k, kc, kscale, kbound, skip_arg, f1, f2, tw, h, 1, n, GP=gp_k, PAIR=False, **pass1
+            )
+            _conv_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
+                u, d, cscale, kc, kscale, kbound, skip_arg, f1n, f2n, tw, b, h, n, GP=gp, CONJ=correlate,
+                HALF=u.dtype != torch.float32, **pass1,
             )  # fmt: skip
         if only_pass != 1:
             _inverse_pass_kernel[(n1 // 2 // bm, h * nb2)](
@@ -838,7 +931,7 @@ def fft_corr_sum_two_pass(
     gp = min(cfg.pairs, nb2)
     h2 = (h + 1) // 2
     spectra = []
-    pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "CONJ": False, "HAS_SKIP": False}
+    pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "HAS_SKIP": False}
     pass1 |= {"num_warps": cfg.warps1, "num_stages": cfg.stages1}
     d = torch.empty((h2, 2, n1, n2), dtype=torch.float32, device=a.device)
     # pass 2's output scale is cscale[p] kbound[0] DSCALE / L: 1 / L here (DSCALE = 4 N2)
@@ -849,7 +942,7 @@ def fft_corr_sum_two_pass(
             z = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=a.device)
             s = torch.empty((h * nb2,), dtype=torch.float32, device=a.device)
             _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
-                x, z, s, z, s, s, s, f1h, f2h, tw, bsz, h, n, GP=gp, PAIR=True, CONVOLVE=False, **pass1
+                x, z, s, s, s, f1h, f2h, tw, bsz, h, n, GP=gp, PAIR=True, **pass1
             )
             spectra += [z, s]
         exact = "tf32x3" if a.is_cuda else "ieee"
