@@ -400,6 +400,32 @@ def test_two_pass_scales_into_float16_range(scale: float, device: str) -> None:
 
 
 @pytest.mark.interpret
+def test_two_pass_rows_of_a_pair_keep_their_own_precision(device: str) -> None:
+    """Two rows travel as one complex signal; each is scaled by its own largest magnitude, so a row 1e-4 times its
+    partner keeps its own relative error (with one scale a pair it measured 4.2, the partner's float16 rounding),
+    and an all-zero row beside a nonzero one comes out exactly zero. Forward, correlation and the kernel's
+    gradient (pairs of dy and u)."""
+    from tilewise.ops.fft_conv.triton import _corr_sum_torch, fft_corr_sum_two_pass
+
+    u, k, skip = inputs(4, 2, 3000, device=device)
+    u[0] = 0.0
+    u[3] *= 1e-4
+    for correlate, ref in ((False, lambda: fft_conv_ref(u.double(), k.double(), skip.double())), (True, None)):
+        want = corr_ref(u, k, skip) if correlate else ref()
+        got = two_pass(u, k, skip, correlate=correlate)
+        assert_exact(got[0], torch.zeros_like(got[0]))
+        for b in (1, 2, 3):
+            assert_rel_rms(got[b], want[b], TWO_PASS_REL, msg=f"row {b}, correlate={correlate}")
+    dy = torch.randn_like(u)
+    dy[1] *= 1e-4
+    # dk sums over the batch: rows 0 (u = 0) and 1 (dy tiny) add nothing, so each half of the pairs is checked
+    out, _ = fft_corr_sum_two_pass(dy[2:], u[2:])
+    assert_rel_rms(out, _corr_sum_torch(dy[2:].double(), u[2:].double())[0], TWO_PASS_REL)
+    out, _ = fft_corr_sum_two_pass(dy[:2], u[:2] + 1.0)
+    assert_rel_rms(out, _corr_sum_torch(dy[:2].double(), u[:2].double() + 1.0)[0], TWO_PASS_REL)
+
+
+@pytest.mark.interpret
 def test_two_pass_rounds_to_float16(device: str) -> None:
     # the float16 rounding is really applied (in the interpreter as "fp16emu"): coarser than the fused tf32x3 path
     u, k, skip = inputs(2, 2, 1000, device=device)

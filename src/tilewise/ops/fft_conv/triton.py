@@ -90,6 +90,12 @@ def _cmul(ar, ai, br, bi):
 
 
 @triton.jit
+def _inverse_scale(m):
+    """``1 / m`` for a row's largest magnitude ``m``; 0 for a zero row (whose output scale ``m`` is then 0 too)."""
+    return tl.where(m > 0, 1.0 / tl.where(m > 0, m, 1.0), 0.0)
+
+
+@triton.jit
 def _twiddle(ar, ai, br, bi, HALF: tl.constexpr):
     """The fp32 tile ``a`` times the float16 tile ``b``, rounded to float16 (the next dot's operand): in fp32, or
     with ``HALF`` in float16 after rounding ``a`` (packed float16 instructions; two more roundings of 2^-11)."""
@@ -267,8 +273,9 @@ def _forward_pass_kernel(
     ``s = h ceil(B / 2) + b / 2``): the spectra of the pairs of ``dy`` and ``u`` for the kernel's gradient
     (:func:`_corr_spectrum_kernel`). Without it one real row (``S = B H``, ``s = h B + b``): the kernel ``k``,
     launched as ``B = H`` rows of one channel, which also stores ``kbound[s] = sum |k[s]| + |skip[s]|`` (a bound
-    on every component of ``DFT(k) + skip``). Each signal is divided by its largest magnitude, stored in
-    ``cscale[s]``, so every component of ``C`` stays under ``sqrt(2) N1 N2 / 2`` (float16's range at
+    on every component of ``DFT(k) + skip``). Each row is divided by its own largest magnitude, stored in
+    ``cscale[s]`` (``cscale[s, 0]``, ``cscale[s, 1]`` for a pair's rows), so every component of ``C`` stays under
+    ``sqrt(2) N1 N2 / 2`` (float16's range at
     ``L <= 16384``, README.md). The blocks of one group are adjacent in the launch order, so the signals' rows are
     read from HBM once; ``F_N1``'s block, the twiddles and ``F_N2`` are loaded once a program."""
     N1H: tl.constexpr = N1 // 2
@@ -291,31 +298,30 @@ def _forward_pass_kernel(
         p_x = x + (i_b * H + i_h) * N + o_t
         b_xr = tl.load(p_x, mask=o_t < n_live, other=0.0).to(tl.float32)
         b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
-        if PAIR:
-            m_t2 = o_t < tl.where(i_b + 1 < B, n_live, 0)
-            b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
-            b_m = tl.maximum(b_m, tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
-        else:
+        if not PAIR:
             b_l1 = tl.sum(tl.sum(tl.abs(b_xr), axis=1), axis=0)
             if HAS_SKIP:
                 b_l1 += tl.abs(tl.load(skip + i_sb, mask=i_sb < NS, other=0.0).to(tl.float32))
             tl.store(kbound + i_sb, b_l1, mask=(i_k == 0) & (i_sb < NS))
-        b_m = tl.where(b_m > 0, b_m, 1.0)
-        b_r = 1.0 / b_m
-        b_xr = _to_operand(b_xr * b_r, PREC)
+        b_xr = _to_operand(b_xr * _inverse_scale(b_m), PREC)
         b_br = _mm(b_f1r, b_xr, None, PREC)
         b_bi = _mm(b_f1i, b_xr, None, PREC)
-        if PAIR:
-            # (F1r + i F1i)(xr + i xi): the sign goes on the signal's operand, not on a copy of F1i
-            b_br = _mm(b_f1i, _to_operand(-b_xi * b_r, PREC), b_br, PREC)
-            b_bi = _mm(b_f1r, _to_operand(b_xi * b_r, PREC), b_bi, PREC)
-        b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
         i_s = i_h * NS + i_sb
+        if PAIR:
+            m_t2 = o_t < tl.where(i_b + 1 < B, n_live, 0)
+            b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
+            b_m2 = tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0)
+            b_xi *= _inverse_scale(b_m2)
+            # (F1r + i F1i)(xr + i xi): the sign goes on the signal's operand, not on a copy of F1i
+            b_br = _mm(b_f1i, _to_operand(-b_xi, PREC), b_br, PREC)
+            b_bi = _mm(b_f1r, _to_operand(b_xi, PREC), b_bi, PREC)
+            tl.store(cscale + 2 * i_s + 1, b_m2, mask=(i_k == 0) & (i_sb < NS))
+        b_cr, b_ci = _finish_spectrum(b_br, b_bi, b_tr.to(tl.float32), b_ti.to(tl.float32), b_f2r, b_f2i, PREC)
         p_c = c + i_s * (2 * N1 * N2) + o_c
         m_c = o_c < tl.where(i_sb < NS, N1 * N2, 0)
         tl.store(p_c, b_cr.to(c.dtype.element_ty), mask=m_c)
         tl.store(p_c + N1 * N2, b_ci.to(c.dtype.element_ty), mask=m_c)
-        tl.store(cscale + i_s, b_m, mask=(i_k == 0) & (i_sb < NS))
+        tl.store(cscale + (2 * i_s if PAIR else i_s), b_m, mask=(i_k == 0) & (i_sb < NS))
 
 
 @triton.jit
@@ -345,7 +351,9 @@ def _conv_pass_kernel(
     """Pass 1 of the two-pass convolution, rows ``k1`` of block ``program_id(0)``, for up to ``GP`` pairs of rows
     ``b, b + 1`` (one complex signal ``A``, pair ``s = h ceil(B / 2) + b / 2``) of channel ``h = program_id(1)``
     (group ``program_id(2)``): ``C = ((F_N1 A) ∘ T) F_N2``, ``E = C ∘ K``, ``D = (E conj(F_N2)) ∘ conj(T) / DSCALE``,
-    stored in float16 to ``d [S, 2, N1, N2]``, with the pair's scale ``cscale[s]`` (its largest magnitude).
+    stored in float16 to ``d [S, 2, N1, N2]``, with the rows' scales ``cscale[s, 0:2]``: each row is divided by its own
+    largest magnitude (``k`` is real, so the convolution keeps the real and imaginary parts apart, and a small row
+    keeps float16's relative precision beside a large partner; a zero row has scale 0 and comes out zero).
 
     ``K = (C_k kscale[h] + skip[h]) / kbound[h]`` is the kernel's spectrum from :func:`_forward_pass_kernel`
     (``C_k = kc[h]``; ``skip`` times a unit impulse has the constant spectrum ``skip``; ``|K| <= 1``), ``conj(K)``
@@ -392,11 +400,12 @@ def _conv_pass_kernel(
         p_x = x + (i_b * H + i_h) * N + o_t
         b_xr = tl.load(p_x, mask=o_t < n_live, other=0.0).to(tl.float32)
         b_xi = tl.load(p_x + H * N, mask=o_t < tl.where(i_b + 1 < B, n_live, 0), other=0.0).to(tl.float32)
-        b_m = tl.maximum(tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0), tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0))
-        b_m = tl.where(b_m > 0, b_m, 1.0)
-        b_r = 1.0 / b_m
-        b_xr = _to_operand(b_xr * b_r, PREC)
-        b_xi = _to_operand(b_xi * b_r, PREC)
+        # each row divided by its own largest magnitude: k is real, so the rows stay apart (the real and
+        # imaginary parts) and a small row keeps float16's relative precision beside a large one
+        b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
+        b_m2 = tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0)
+        b_xr = _to_operand(b_xr * _inverse_scale(b_m), PREC)
+        b_xi = _to_operand(b_xi * _inverse_scale(b_m2), PREC)
         # B = F1 A: re = F1r xr - F1i xi, im = F1i xr + F1r xi
         b_br = _mm(b_f1n, b_xi, _mm(b_f1r, b_xr, None, PREC), PREC)
         b_bi = _mm(b_f1r, b_xi, _mm(b_f1i, b_xr, None, PREC), PREC)
@@ -415,7 +424,9 @@ def _conv_pass_kernel(
         m_c = o_c < tl.where(i_sb < NS, N1 * N2, 0)
         tl.store(p_d, b_dr.to(d.dtype.element_ty), mask=m_c)
         tl.store(p_d + N1 * N2, b_di.to(d.dtype.element_ty), mask=m_c)
-        tl.store(cscale + i_s, b_m, mask=(i_k == 0) & (i_sb < NS))
+        m_s = (i_k == 0) & (i_sb < NS)
+        tl.store(cscale + 2 * i_s, b_m, mask=m_s)
+        tl.store(cscale + 2 * i_s + 1, b_m2, mask=m_s)
 
 
 @triton.jit
@@ -463,7 +474,8 @@ def _corr_spectrum_kernel(
             i_p = tl.where(live, i_h * NB2 + i_pb, 0)
             m_p = o_c < tl.where(live, N1 * N2, 0)
             base = i_p * (2 * N1 * N2)
-            b_s = tl.load(sa + i_p) * tl.load(sb + i_p) * 0.25
+            b_s = tl.load(sa + 2 * i_p) * tl.load(sb + 2 * i_p) * 0.25
+            b_s2 = tl.load(sa + 2 * i_p + 1) * tl.load(sb + 2 * i_p + 1) * 0.25
             # the two rows of each pair from Z[f] and conj(Z[-f]), for a and for b (x 2 each: the 1/4 above)
             b_ar = tl.load(za + base + o_c, mask=m_p, other=0.0).to(tl.float32)
             b_ai = tl.load(za + base + N1 * N2 + o_c, mask=m_p, other=0.0).to(tl.float32)
@@ -479,8 +491,8 @@ def _corr_spectrum_kernel(
             c0r, c0i = b_br + b_bmr, b_bi - b_bmi
             c1r, c1i = b_bi + b_bmi, b_bmr - b_br
             # P += X0a conj(X0b) + X1a conj(X1b)
-            b_pr += b_s * (a0r * c0r + a0i * c0i + a1r * c1r + a1i * c1i)
-            b_pi += b_s * (a0i * c0r - a0r * c0i + a1i * c1r - a1r * c1i)
+            b_pr += b_s * (a0r * c0r + a0i * c0i) + b_s2 * (a1r * c1r + a1i * c1i)
+            b_pi += b_s * (a0i * c0r - a0r * c0i) + b_s2 * (a1i * c1r - a1r * c1i)
         if i_c == 0:
             b_qr, b_qi = b_pr, b_pi
         else:
@@ -515,7 +527,7 @@ def _inverse_pass_kernel(
     """Pass 2: rows ``n1`` of block ``program_id(0)`` (``BM`` of the ``N1 / 2`` that hold output) of
     ``Y = conj(F_N1)[:N1/2, :] @ D`` for pair ``p = program_id(1)`` (channel ``h``), a complex matrix product over
     the ``N1`` rows ``k1`` of ``d`` in steps of ``BK``; ``Re Y`` and ``Im Y`` times
-    ``cscale[p] kbound[h] DSCALE / L`` are the pair's two rows."""
+    ``cscale[p, 0 / 1] kbound[h] DSCALE / L`` are the pair's two rows."""
     DSCALE: tl.constexpr = N2 * 4
     i_m = tl.program_id(0)
     i_p = tl.program_id(1).to(tl.int64)
@@ -540,13 +552,13 @@ def _inverse_pass_kernel(
         b_yi = _mm(b_gr, b_di, b_yi, PREC)
         b_yi = _mm(-b_gi, b_dr, b_yi, PREC)
     b_bound = tl.load(kbound + i_h)
-    b_s = tl.load(cscale + i_p) * tl.where(b_bound > 0, b_bound, 1.0) * (DSCALE / (N1 * N2))
+    b_s = tl.where(b_bound > 0, b_bound, 1.0) * (DSCALE / (N1 * N2))
     o_t = o_m[:, None] * N2 + o_n2[None, :]
     m_t = o_t < N
     p_y = y + (i_b * H + i_h) * N + o_t
-    tl.store(p_y, (b_yr * b_s).to(y.dtype.element_ty), mask=m_t)
+    tl.store(p_y, (b_yr * (b_s * tl.load(cscale + 2 * i_p))).to(y.dtype.element_ty), mask=m_t)
     m_t2 = o_t < tl.where(i_b + 1 < B, N, 0)
-    tl.store(p_y + H * N, (b_yi * b_s).to(y.dtype.element_ty), mask=m_t2)
+    tl.store(p_y + H * N, (b_yi * (b_s * tl.load(cscale + 2 * i_p + 1))).to(y.dtype.element_ty), mask=m_t2)
 
 
 @triton.jit
@@ -873,7 +885,7 @@ def fft_conv_two_pass(
     gp = min(cfg.pairs, nb2)
     gp_k = min(cfg.pairs, h)
     d = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=u.device)
-    cscale = torch.empty((h * nb2,), dtype=torch.float32, device=u.device)
+    cscale = torch.empty((h * nb2, 2), dtype=torch.float32, device=u.device)
     kc = torch.empty((h, 2, n1, n2), dtype=torch.float16, device=u.device)
     kscale = torch.empty((h,), dtype=torch.float32, device=u.device)
     kbound = torch.empty((h,), dtype=torch.float32, device=u.device)
@@ -934,13 +946,13 @@ def fft_corr_sum_two_pass(
     pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "HAS_SKIP": False}
     pass1 |= {"num_warps": cfg.warps1, "num_stages": cfg.stages1}
     d = torch.empty((h2, 2, n1, n2), dtype=torch.float32, device=a.device)
-    # pass 2's output scale is cscale[p] kbound[0] DSCALE / L: 1 / L here (DSCALE = 4 N2)
-    inv_dscale = torch.full((h2,), 1.0 / (4 * n2), dtype=torch.float32, device=a.device)
+    # pass 2's output scale is cscale[p, 0 / 1] kbound[0] DSCALE / L: 1 / L here (DSCALE = 4 N2)
+    inv_dscale = torch.full((h2, 2), 1.0 / (4 * n2), dtype=torch.float32, device=a.device)
     one = torch.ones((1,), dtype=torch.float32, device=a.device)
     with on_device:
         for x in (a, b):
             z = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=a.device)
-            s = torch.empty((h * nb2,), dtype=torch.float32, device=a.device)
+            s = torch.empty((h * nb2, 2), dtype=torch.float32, device=a.device)
             _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
                 x, z, s, s, s, f1h, f2h, tw, bsz, h, n, GP=gp, PAIR=True, **pass1
             )
