@@ -265,6 +265,8 @@ def _forward_pass_kernel(
     PAIR: tl.constexpr,
     HAS_SKIP: tl.constexpr,
     PREC: tl.constexpr,
+    other=None,
+    dots=None,
 ):
     """Rows ``k1`` of block ``program_id(0)`` of the permuted spectrum ``C = ((F_N1 A) ∘ T) F_N2`` for up to ``GP``
     signals of channel ``h = program_id(1)`` (group ``program_id(2)``), stored in float16 to ``c [S, 2, N1, N2]``.
@@ -277,7 +279,9 @@ def _forward_pass_kernel(
     ``cscale[s]`` (``cscale[s, 0]``, ``cscale[s, 1]`` for a pair's rows), so every component of ``C`` stays under
     ``sqrt(2) N1 N2 / 2`` (float16's range at
     ``L <= 16384``, README.md). The blocks of one group are adjacent in the launch order, so the signals' rows are
-    read from HBM once; ``F_N1``'s block, the twiddles and ``F_N2`` are loaded once a program."""
+    read from HBM once; ``F_N1``'s block, the twiddles and ``F_N2`` are loaded once a program. With ``other``
+    (pairs; a tensor shaped like ``x``) the programs of the first block also store each row's fp32
+    ``sum_t x other`` to ``dots [B, H]`` (the skip weight's gradient, without a product tensor in memory)."""
     N1H: tl.constexpr = N1 // 2
     i_k = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
@@ -298,7 +302,22 @@ def _forward_pass_kernel(
         p_x = x + (i_b * H + i_h) * N + o_t
         b_xr = tl.load(p_x, mask=o_t < n_live, other=0.0).to(tl.float32)
         b_m = tl.max(tl.max(tl.abs(b_xr), axis=1), axis=0)
-        if not PAIR:
+        i_s = i_h * NS + i_sb
+        if PAIR:
+            m_t2 = o_t < tl.where(i_b + 1 < B, n_live, 0)
+            b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
+            b_m2 = tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0)
+            if other is not None:
+                # the first block's programs only (the masks are empty elsewhere: no memory traffic)
+                p_o = other + (i_b * H + i_h) * N + o_t
+                n_first = tl.where(i_k == 0, n_live, 0)
+                b_o = tl.load(p_o, mask=o_t < n_first, other=0.0).to(tl.float32)
+                b_o2 = tl.load(p_o + H * N, mask=o_t < tl.where(i_b + 1 < B, n_first, 0), other=0.0).to(tl.float32)
+                m_d = (i_k == 0) & (i_sb < NS)
+                tl.store(dots + i_b * H + i_h, tl.sum(tl.sum(b_xr * b_o, axis=1), axis=0), mask=m_d)
+                m_d2 = m_d & (i_b + 1 < B)
+                tl.store(dots + (i_b + 1) * H + i_h, tl.sum(tl.sum(b_xi * b_o2, axis=1), axis=0), mask=m_d2)
+        else:
             b_l1 = tl.sum(tl.sum(tl.abs(b_xr), axis=1), axis=0)
             if HAS_SKIP:
                 b_l1 += tl.abs(tl.load(skip + i_sb, mask=i_sb < NS, other=0.0).to(tl.float32))
@@ -306,11 +325,7 @@ def _forward_pass_kernel(
         b_xr = _to_operand(b_xr * _inverse_scale(b_m), PREC)
         b_br = _mm(b_f1r, b_xr, None, PREC)
         b_bi = _mm(b_f1i, b_xr, None, PREC)
-        i_s = i_h * NS + i_sb
         if PAIR:
-            m_t2 = o_t < tl.where(i_b + 1 < B, n_live, 0)
-            b_xi = tl.load(p_x + H * N, mask=m_t2, other=0.0).to(tl.float32)
-            b_m2 = tl.max(tl.max(tl.abs(b_xi), axis=1), axis=0)
             b_xi *= _inverse_scale(b_m2)
             # (F1r + i F1i)(xr + i xi): the sign goes on the signal's operand, not on a copy of F1i
             b_br = _mm(b_f1i, _to_operand(-b_xi, PREC), b_br, PREC)
@@ -436,23 +451,20 @@ def _corr_spectrum_kernel(
     zb,
     sb,
     d,
-    f2,
-    tw,
     B,
     H,
     N1: tl.constexpr,
     N2: tl.constexpr,
     BK: tl.constexpr,
-    PREC: tl.constexpr,
 ):
     """The kernel's gradient in the frequency domain: for the channels ``h = 2 q, 2 q + 1`` (``q = program_id(1)``)
     and rows ``k1`` of block ``program_id(0)``, ``P_h = sum_b DFT(a_b) conj(DFT(b_b))`` from the pass-1 spectra
     ``za, zb [H ceil(B/2), 2, N1, N2]`` (float16, pair ``(b, b + 1)`` as one complex signal ``Z``, scales ``sa, sb``):
     ``DFT(x_b)[f] = (Z[f] + conj(Z[-f])) / 2`` and ``DFT(x_{b+1})[f] = (Z[f] - conj(Z[-f])) / 2i``, with
-    ``-f = L - f`` gathered in the permuted order. ``Q = P_h + i P_{h+1}`` (both inverses are real) goes through
-    ``D = (Q conj(F_N2)) ∘ conj(T)`` with ``PREC`` (tf32x3: a tf32 rounding here added 8e-4 on the H100) products
-    on fp32 operands (``P`` has no float16 range bound) into
-    ``d [ceil(H/2), 2, N1, N2]`` fp32, for :func:`_inverse_pass_kernel`."""
+    ``-f = L - f`` gathered in the permuted order. ``Q = P_h + i P_{h+1}`` (both inverses are real) is stored in fp32
+    to ``d [ceil(H/2), 2, N1, N2]`` for :func:`_spectrum_inverse_kernel` (``P`` has no float16 range bound). No dot
+    here: the program stays small, so many run at once and keep the loads in flight (the inverse in the same
+    kernel took 255 registers, 8 warps an SM)."""
     L: tl.constexpr = N1 * N2
     i_k = tl.program_id(0)
     i_q = tl.program_id(1).to(tl.int64)
@@ -499,13 +511,28 @@ def _corr_spectrum_kernel(
             # Q = P_h + i P_{h+1}
             b_qr -= b_pi
             b_qi += b_pr
-    b_f2r, b_f2i = _load_f2(f2, N2)
-    b_tr = tl.load(tw + o_c)
-    b_ti = tl.load(tw + N1 * N2 + o_c)
-    b_dr, b_di = _start_inverse(b_qr, b_qi, b_tr, b_ti, b_f2r, b_f2i, PREC)
     p_d = d + i_q * (2 * N1 * N2) + o_c
+    tl.store(p_d, b_qr)
+    tl.store(p_d + N1 * N2, b_qi)
+
+
+@triton.jit
+def _spectrum_inverse_kernel(d, f2, tw, N1: tl.constexpr, N2: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """``D = (Q conj(F_N2)) ∘ conj(T)`` in place for rows ``k1`` of block ``program_id(0)`` of the spectrum
+    ``d [., 2, N1, N2]`` (fp32) of channel pair ``program_id(1)``, with ``PREC`` products (tf32x3: a tf32 rounding
+    here added 8e-4 on the H100)."""
+    i_k = tl.program_id(0)
+    i_q = tl.program_id(1).to(tl.int64)
+    o_c = (i_k * BK + tl.arange(0, BK))[:, None] * N2 + tl.arange(0, N2)[None, :]
+    b_f2r, b_f2i = _load_f2(f2, N2)
+    p_d = d + i_q * (2 * N1 * N2) + o_c
+    b_dr, b_di = _start_inverse(
+        tl.load(p_d), tl.load(p_d + N1 * N2), tl.load(tw + o_c), tl.load(tw + N1 * N2 + o_c), b_f2r, b_f2i, PREC
+    )
     tl.store(p_d, b_dr)
     tl.store(p_d + N1 * N2, b_di)
+
+
 
 
 @triton.jit
@@ -902,7 +929,7 @@ def fft_conv_two_pass(
             )
             _conv_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
                 u, d, cscale, kc, kscale, kbound, skip_arg, f1n, f2n, tw, b, h, n, GP=gp, CONJ=correlate,
-                HALF=u.dtype != torch.float32, **pass1,
+                HALF=u.dtype != torch.float32 or TUNING["products"] == "float16", **pass1,
             )  # fmt: skip
         if only_pass != 1:
             _inverse_pass_kernel[(n1 // 2 // bm, h * nb2)](
@@ -915,7 +942,7 @@ def fft_conv_two_pass(
 
 # _corr_spectrum_kernel's launch: rows k1 a program, warps. H100, B=8 H=768 N=8192 fp32, the whole dk: 16 rows 4 warps
 # 1.88 ms, 32 / 4 2.18, 64 / 8 2.27, 128 / 8 3.10 (torch.fft's dk 2.45); the kernel itself is ~1 ms of it at 32 rows.
-CORR_LAUNCH = {"block_k": 16, "warps": 4}
+CORR_LAUNCH = {"block_k": 16, "warps": 4, "inverse_block_k": 64, "inverse_warps": 4}
 
 
 def fft_corr_sum_two_pass(
@@ -946,28 +973,33 @@ def fft_corr_sum_two_pass(
     pass1 = {"N1": n1, "N2": n2, "BK": bk, "PREC": prec, "HAS_SKIP": False}
     pass1 |= {"num_warps": cfg.warps1, "num_stages": cfg.stages1}
     d = torch.empty((h2, 2, n1, n2), dtype=torch.float32, device=a.device)
+    dots = torch.empty((bsz, h), dtype=torch.float32, device=a.device)
     # pass 2's output scale is cscale[p, 0 / 1] kbound[0] DSCALE / L: 1 / L here (DSCALE = 4 N2)
     inv_dscale = torch.full((h2, 2), 1.0 / (4 * n2), dtype=torch.float32, device=a.device)
     one = torch.ones((1,), dtype=torch.float32, device=a.device)
     with on_device:
-        for x in (a, b):
+        for x, other in ((a, None), (b, a)):
             z = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=a.device)
             s = torch.empty((h * nb2, 2), dtype=torch.float32, device=a.device)
             _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
-                x, z, s, s, s, f1h, f2h, tw, bsz, h, n, GP=gp, PAIR=True, **pass1
+                x, z, s, s, s, f1h, f2h, tw, bsz, h, n, GP=gp, PAIR=True, other=other, dots=dots, **pass1
             )
             spectra += [z, s]
         exact = "tf32x3" if a.is_cuda else "ieee"
         bkc = min(CORR_LAUNCH["block_k"], n1)
         _corr_spectrum_kernel[(n1 // bkc, h2)](
-            *spectra, d, f2, tw, bsz, h, N1=n1, N2=n2, BK=bkc, PREC=exact, num_warps=CORR_LAUNCH["warps"]
+            *spectra, d, bsz, h, N1=n1, N2=n2, BK=bkc, num_warps=CORR_LAUNCH["warps"]
+        )
+        bki = min(CORR_LAUNCH["inverse_block_k"], n1)
+        _spectrum_inverse_kernel[(n1 // bki, h2)](
+            d, f2, tw, N1=n1, N2=n2, BK=bki, PREC=exact, num_warps=CORR_LAUNCH["inverse_warps"]
         )
         _inverse_pass_kernel[(n1 // 2 // bm, h2)](
             d, inv_dscale, one, out, f1, h, 1, n, N1=n1, N2=n2, BM=bm, BK=bk2, PREC=exact, num_warps=cfg.warps2,
             num_stages=cfg.stages2,
         )  # fmt: skip
     PATHS[f"triton two-pass dk L={length} ({n1}x{n2})"] += 1
-    return out, (a.float() * b.float()).sum((0, 2))
+    return out, dots.sum(0)
 
 
 def fft_corr_sum_triton(
@@ -1042,7 +1074,9 @@ def _corr_sum_torch(
 # 0.31x torch.fft there). "dk": the kernel's gradient by "two-pass" (fft_corr_sum_two_pass: the same float16
 # spectra, ~5e-4; 1.88 ms at that shape), "torch.fft" (rfft of both, the batch sum, one irfft: 2.45 ms) or
 # "triton" (fft_corr_sum_triton, tf32x3 / tf32: slower than torch.fft, the fused kernel's partner).
-TUNING: dict[str, str] = {"conv": "two-pass", "dk": "two-pass"}
+# "products": pass 1's twiddle and kernel products in float16 for 16-bit I/O only ("auto"; fp32 products for fp32
+# I/O, 6.0e-4 relative RMS at the headline shape on the H100) or for every dtype ("float16": 7.6e-4 there).
+TUNING: dict[str, str] = {"conv": "two-pass", "dk": "two-pass", "products": "auto"}
 
 # The two-pass launch configurations, best first (H100 sweep, benchmarks/gpu_fft_conv_sweep.py --two-pass: pass 1
 # 0.56 ms, pass 2 0.18 ms at B=8 H=768 N=8192 fp32; 3 stages in pass 1 asks 232 KB there, over the H100's 227 KB);
