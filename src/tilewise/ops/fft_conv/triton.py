@@ -445,6 +445,21 @@ def _conv_pass_kernel(
 
 
 @triton.jit
+def _load_mirror(p, o_cm, o_0m, o_k1, i_k, mask, N2: tl.constexpr, BK: tl.constexpr):
+    """``Z[-f]`` (fp32) for a block of rows of a spectrum ``p [N1, N2]`` stored in :func:`_mirror_order`: rows
+    ``N1 - k1`` (offsets ``o_cm``) loaded contiguously, adjacent pairs swapped in registers; row 0 (block 0 only)
+    gathered at ``o_0m``."""
+    x = tl.load(p + o_cm, mask=mask, other=0.0).to(tl.float32)
+    x_even, x_odd = tl.split(tl.reshape(x, (BK, N2 // 2, 2)))
+    x = tl.reshape(tl.join(x_odd, x_even), (BK, N2))
+    if i_k == 0:
+        m_0 = mask & (o_k1 == 0)[:, None]
+        x_0 = tl.load(p + o_0m[None, :] + 0 * o_k1[:, None], mask=m_0, other=0.0).to(tl.float32)
+        x = tl.where(m_0, x_0, x)
+    return x
+
+
+@triton.jit
 def _corr_spectrum_kernel(
     za,
     sa,
@@ -460,21 +475,23 @@ def _corr_spectrum_kernel(
     """The kernel's gradient in the frequency domain: for the channels ``h = 2 q, 2 q + 1`` (``q = program_id(1)``)
     and rows ``k1`` of block ``program_id(0)``, ``P_h = sum_b DFT(a_b) conj(DFT(b_b))`` from the pass-1 spectra
     ``za, zb [H ceil(B/2), 2, N1, N2]`` (float16, pair ``(b, b + 1)`` as one complex signal ``Z``, scales ``sa, sb``):
-    ``DFT(x_b)[f] = (Z[f] + conj(Z[-f])) / 2`` and ``DFT(x_{b+1})[f] = (Z[f] - conj(Z[-f])) / 2i``, with
-    ``-f = L - f`` gathered in the permuted order. ``Q = P_h + i P_{h+1}`` (both inverses are real) is stored in fp32
+    ``DFT(x_b)[f] = (Z[f] + conj(Z[-f])) / 2`` and ``DFT(x_{b+1})[f] = (Z[f] - conj(Z[-f])) / 2i``. The spectra
+    hold ``k2`` in the interleaved order of :func:`_mirror_order` (``F_N2``'s columns permuted), where ``-f`` of row
+    ``k1 > 0`` is row ``N1 - k1`` with adjacent pairs swapped: contiguous loads (reversed addresses load one
+    2-byte element an instruction), row 0 gathered apart (:func:`_load_mirror`). ``Q = P_h + i P_{h+1}`` (both inverses are real) is stored in fp32
     to ``d [ceil(H/2), 2, N1, N2]`` for :func:`_spectrum_inverse_kernel` (``P`` has no float16 range bound). No dot
     here: the program stays small, so many run at once and keep the loads in flight (the inverse in the same
     kernel took 255 registers, 8 warps an SM)."""
-    L: tl.constexpr = N1 * N2
     i_k = tl.program_id(0)
     i_q = tl.program_id(1).to(tl.int64)
     NB2 = (B + 1) // 2
     o_k1 = i_k * BK + tl.arange(0, BK)
     o_k2 = tl.arange(0, N2)
-    o_f = o_k1[:, None] + N1 * o_k2[None, :]
-    o_fm = (L - o_f) % L
     o_c = o_k1[:, None] * N2 + o_k2[None, :]
-    o_cm = (o_fm % N1) * N2 + o_fm // N1
+    # row N1 - k1 (row 0 for k1 = 0), and row 0's mirrored positions: k2 -> (N2 - k2) % N2 in the interleaved order
+    o_cm = ((N1 - o_k1) % N1)[:, None] * N2 + o_k2[None, :]
+    o_k2m = (N2 - tl.where(o_k2 % 2 == 0, o_k2 // 2, N2 - 1 - o_k2 // 2)) % N2
+    o_0m = tl.where(o_k2m < N2 // 2, 2 * o_k2m, 2 * (N2 - 1 - o_k2m) + 1)
     b_qr = tl.zeros([BK, N2], dtype=tl.float32)
     b_qi = tl.zeros([BK, N2], dtype=tl.float32)
     for i_c in range(0, 2):
@@ -491,12 +508,12 @@ def _corr_spectrum_kernel(
             # the two rows of each pair from Z[f] and conj(Z[-f]), for a and for b (x 2 each: the 1/4 above)
             b_ar = tl.load(za + base + o_c, mask=m_p, other=0.0).to(tl.float32)
             b_ai = tl.load(za + base + N1 * N2 + o_c, mask=m_p, other=0.0).to(tl.float32)
-            b_amr = tl.load(za + base + o_cm, mask=m_p, other=0.0).to(tl.float32)
-            b_ami = tl.load(za + base + N1 * N2 + o_cm, mask=m_p, other=0.0).to(tl.float32)
+            b_amr = _load_mirror(za + base, o_cm, o_0m, o_k1, i_k, m_p, N2, BK)
+            b_ami = _load_mirror(za + base + N1 * N2, o_cm, o_0m, o_k1, i_k, m_p, N2, BK)
             b_br = tl.load(zb + base + o_c, mask=m_p, other=0.0).to(tl.float32)
             b_bi = tl.load(zb + base + N1 * N2 + o_c, mask=m_p, other=0.0).to(tl.float32)
-            b_bmr = tl.load(zb + base + o_cm, mask=m_p, other=0.0).to(tl.float32)
-            b_bmi = tl.load(zb + base + N1 * N2 + o_cm, mask=m_p, other=0.0).to(tl.float32)
+            b_bmr = _load_mirror(zb + base, o_cm, o_0m, o_k1, i_k, m_p, N2, BK)
+            b_bmi = _load_mirror(zb + base + N1 * N2, o_cm, o_0m, o_k1, i_k, m_p, N2, BK)
             # row b: X0 = (Z + conj Zm) ; row b + 1: X1 = (Z - conj Zm) / i  (each times 2)
             a0r, a0i = b_ar + b_amr, b_ai - b_ami
             a1r, a1i = b_ai + b_ami, b_amr - b_ar
@@ -720,6 +737,24 @@ def _constants(
     return dft_matrix(n1, device).to(dtype), dft_matrix(n2, device).to(dtype), twiddle(n1, n2, device)
 
 
+def _mirror_order(n2: int) -> torch.Tensor:
+    """The interleaved order of the contiguous frequency index of ``dk``'s spectra: position ``2j`` holds
+    ``k2 = j``, ``2j + 1`` holds ``N2 - 1 - j``. The mirror ``-f`` of row ``k1 > 0`` (row ``N1 - k1``, ``k2 -> N2 - 1
+    - k2``) is then the same row's adjacent pair swapped, instead of a reversed row."""
+    j = torch.arange(n2 // 2)
+    return torch.stack((j, n2 - 1 - j), dim=1).reshape(-1)
+
+
+@functools.cache
+def _mirror_order_constants(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F_N2`` with its columns in :func:`_mirror_order` (float16, for the spectra of ``dk``'s pass 1) and with its
+    rows in that order (fp32, for :func:`_spectrum_inverse_kernel`, whose input ``Q`` is in that order)."""
+    _, f2h, _ = _constants(length, device, torch.float16)
+    _, f2, _ = _constants(length, device, torch.float32)
+    order = _mirror_order(f2.shape[-1]).to(device)
+    return f2h[:, :, order].contiguous(), f2[:, order, :].contiguous()
+
+
 @functools.cache
 def _negated_constants(length: int, device: torch.device, n2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``F_N1`` and ``F_N2`` as float16 ``[3, n, n]``: ``(Re F, Im F, -Im F)``, for :func:`_conv_pass_kernel`."""
@@ -940,8 +975,9 @@ def fft_conv_two_pass(
     return out
 
 
-# _corr_spectrum_kernel's launch: rows k1 a program, warps. H100, B=8 H=768 N=8192 fp32, the whole dk: 16 rows 4 warps
-# 1.88 ms, 32 / 4 2.18, 64 / 8 2.27, 128 / 8 3.10 (torch.fft's dk 2.45); the kernel itself is ~1 ms of it at 32 rows.
+# _corr_spectrum_kernel's launch (rows k1 a program, warps) and _spectrum_inverse_kernel's. H100, B=8 H=768 N=8192
+# fp32, the whole dk (torch.fft's 2.45 ms): sum rows/warps 16/4 1.39 ms, 32/4 1.43, 32/8 1.43, 16/2 1.42, 8/2 1.38;
+# inverse 128 rows / 8 warps 1.37 (with the inverse in the sum's kernel, before the mirror order: 1.88 - 2.27).
 CORR_LAUNCH = {"block_k": 16, "warps": 4, "inverse_block_k": 64, "inverse_warps": 4}
 
 
@@ -964,8 +1000,9 @@ def fft_corr_sum_two_pass(
     n1, n2 = _factors(length)
     prec = "fp16" if a.device.type == "cuda" else "fp16emu"
     bk, bm, bk2 = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2), min(cfg.block_k2, n1)
-    f1h, f2h, tw = _constants(length, a.device, torch.float16)
-    f1, f2, _ = _constants(length, a.device, torch.float32)
+    f1h, _, tw = _constants(length, a.device, torch.float16)
+    f1, _, _ = _constants(length, a.device, torch.float32)
+    f2h, f2 = _mirror_order_constants(length, a.device)
     nb2 = (bsz + 1) // 2
     gp = min(cfg.pairs, nb2)
     h2 = (h + 1) // 2
