@@ -426,6 +426,43 @@ def test_two_pass_rows_of_a_pair_keep_their_own_precision(device: str) -> None:
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("second_order", [False, True])
+def test_backward_shares_dy_spectrum(second_order: bool, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward runs du's pass 1 with dy's spectra kept, and dk skips its own pass over dy: one fewer pass
+    over dy, the same gradients. Second order: the gradient of <du, w> runs the correlation op's backward (du is a
+    correlation of dy) with every input needing a gradient, so the shared path with ``correlate`` (dk's spectra
+    of u and dy swapped) runs too."""
+    import importlib
+
+    tt = importlib.import_module("tilewise.ops.fft_conv.triton")
+    calls = []
+    real = tt.fft_corr_sum_two_pass
+    monkeypatch.setattr(
+        tt, "fft_corr_sum_two_pass", lambda a, b, c=None, given=None: calls.append(given) or real(a, b, c, given)
+    )
+    u, k, skip = inputs(3, 2, 300, device=device)
+    dy, w = torch.randn_like(u), torch.randn_like(u)
+
+    def run(fn, u, k, skip, dy):
+        u, k, skip, dy = (t.detach().clone().requires_grad_() for t in (u, k, skip, dy))
+        y = fn(u, k, skip)
+        if not second_order:
+            y.backward(dy)
+            return u.grad, k.grad, skip.grad
+        du, _, _ = torch.autograd.grad(y, (u, k, skip), dy, create_graph=True)
+        (du * w).sum().backward()
+        return dy.grad, k.grad, skip.grad
+
+    got = run(triton_conv, u, k, skip, dy)
+    want = run(fft_conv_ref, u.double(), k.double(), skip.double(), dy.double())
+    for name, g, r in zip(("first", "k", "skip"), got, want, strict=True):
+        assert_rel_rms(g, r, TWO_PASS_REL if name != "skip" else FP32_REL, msg=name)
+    shared = [c for c in calls if c]
+    assert len(shared) == 1, calls
+    assert list(shared[0]) == ([1] if second_order else [0])  # dy is b of the correlation's dk, a of the conv's
+
+
+@pytest.mark.interpret
 def test_two_pass_rounds_to_float16(device: str) -> None:
     # the float16 rounding is really applied (in the interpreter as "fp16emu"): coarser than the fused tf32x3 path
     u, k, skip = inputs(2, 2, 1000, device=device)

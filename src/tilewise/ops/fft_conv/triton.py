@@ -43,6 +43,7 @@ __all__ = [
     "fft_corr_sum_triton",
     "fft_corr_sum_two_pass",
     "kernel_spectrum",
+    "pair_spectrum_buffers",
     "reset_paths",
 ]
 
@@ -362,6 +363,7 @@ def _conv_pass_kernel(
     HAS_SKIP: tl.constexpr,
     HALF: tl.constexpr,
     PREC: tl.constexpr,
+    spec=None,
 ):
     """Pass 1 of the two-pass convolution, rows ``k1`` of block ``program_id(0)``, for up to ``GP`` pairs of rows
     ``b, b + 1`` (one complex signal ``A``, pair ``s = h ceil(B / 2) + b / 2``) of channel ``h = program_id(1)``
@@ -376,7 +378,9 @@ def _conv_pass_kernel(
     complex product negates a tile. The twiddle and kernel products are fp32 on fp32 accumulators, or with
     ``HALF`` (16-bit I/O, whose own rounding dominates) float16 products on the float16 operands (packed
     instructions, a third of the elementwise work). ``F_N1``'s block, the twiddles, ``F_N2`` and ``K`` are loaded
-    once a program and the loop over pairs is pipelined; masks, not a branch, for the last group's empty slots."""
+    once a program and the loop over pairs is pipelined; masks, not a branch, for the last group's empty slots.
+    With ``spec`` (``[S, 2, N1, N2]`` float16) the pairs' spectra ``C`` are stored too, as
+    :func:`_forward_pass_kernel` would store them (``du``'s pass keeps ``dy``'s spectra for ``dk``)."""
     N1H: tl.constexpr = N1 // 2
     DSCALE: tl.constexpr = N2 * 4
     i_k = tl.program_id(0)
@@ -428,15 +432,19 @@ def _conv_pass_kernel(
         b_br, b_bi = _twiddle(b_br, b_bi, b_tr, b_ti, HALF)
         b_cr = _mm(b_bi, b_f2n, _mm(b_br, b_f2r, None, PREC), PREC)
         b_ci = _mm(b_bi, b_f2r, _mm(b_br, b_f2i, None, PREC), PREC)
-        # E = C ∘ K;  D = E conj(F2): re = Er F2r + Ei F2i, im = Ei F2r - Er F2i
+        i_s = i_h * NS + i_sb
+        m_c = o_c < tl.where(i_sb < NS, N1 * N2, 0)
+        if spec is not None:
+            p_z = spec + i_s * (2 * N1 * N2) + o_c
+            tl.store(p_z, b_cr.to(spec.dtype.element_ty), mask=m_c)
+            tl.store(p_z + N1 * N2, b_ci.to(spec.dtype.element_ty), mask=m_c)
+        # E = C ∘ K;  D = E conj(F2)[order, :] = E conj(G)^T: re = Er Gr^T + Ei Gi^T, im = Ei Gr^T - Er Gi^T
         b_cr, b_ci = _twiddle(b_cr, b_ci, b_kr, b_ki, HALF)
-        b_dr = _mm(b_ci, b_f2i, _mm(b_cr, b_f2r, None, PREC), PREC)
-        b_di = _mm(b_cr, b_f2n, _mm(b_ci, b_f2r, None, PREC), PREC)
+        b_dr = _mm(b_ci, tl.trans(b_f2i), _mm(b_cr, tl.trans(b_f2r), None, PREC), PREC)
+        b_di = _mm(b_cr, tl.trans(b_f2n), _mm(b_ci, tl.trans(b_f2r), None, PREC), PREC)
         # D ∘ conj(T) / DSCALE (the fp32 accumulator is up to 64 x 11585: scaled before any float16 rounding)
         b_dr, b_di = _twiddle(b_dr * (1.0 / DSCALE), b_di * (1.0 / DSCALE), b_tr, b_tn, HALF)
-        i_s = i_h * NS + i_sb
         p_d = d + i_s * (2 * N1 * N2) + o_c
-        m_c = o_c < tl.where(i_sb < NS, N1 * N2, 0)
         tl.store(p_d, b_dr.to(d.dtype.element_ty), mask=m_c)
         tl.store(p_d + N1 * N2, b_di.to(d.dtype.element_ty), mask=m_c)
         m_s = (i_k == 0) & (i_sb < NS)
@@ -478,7 +486,8 @@ def _corr_spectrum_kernel(
     ``DFT(x_b)[f] = (Z[f] + conj(Z[-f])) / 2`` and ``DFT(x_{b+1})[f] = (Z[f] - conj(Z[-f])) / 2i``. The spectra
     hold ``k2`` in the interleaved order of :func:`_mirror_order` (``F_N2``'s columns permuted), where ``-f`` of row
     ``k1 > 0`` is row ``N1 - k1`` with adjacent pairs swapped: contiguous loads (reversed addresses load one
-    2-byte element an instruction), row 0 gathered apart (:func:`_load_mirror`). ``Q = P_h + i P_{h+1}`` (both inverses are real) is stored in fp32
+    2-byte element an instruction), row 0 gathered apart (:func:`_load_mirror`). ``Q = P_h + i P_{h+1}`` (both
+    inverses are real) is stored in fp32
     to ``d [ceil(H/2), 2, N1, N2]`` for :func:`_spectrum_inverse_kernel` (``P`` has no float16 range bound). No dot
     here: the program stays small, so many run at once and keep the loads in flight (the inverse in the same
     kernel took 255 registers, 8 warps an SM)."""
@@ -548,8 +557,6 @@ def _spectrum_inverse_kernel(d, f2, tw, N1: tl.constexpr, N2: tl.constexpr, BK: 
     )
     tl.store(p_d, b_dr)
     tl.store(p_d + N1 * N2, b_di)
-
-
 
 
 @triton.jit
@@ -746,21 +753,24 @@ def _mirror_order(n2: int) -> torch.Tensor:
 
 
 @functools.cache
-def _mirror_order_constants(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F_N2`` with its columns in :func:`_mirror_order` (float16, for the spectra of ``dk``'s pass 1) and with its
-    rows in that order (fp32, for :func:`_spectrum_inverse_kernel`, whose input ``Q`` is in that order)."""
-    _, f2h, _ = _constants(length, device, torch.float16)
-    _, f2, _ = _constants(length, device, torch.float32)
+def _mirror_order_constants(
+    length: int, device: torch.device, n2: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G = F_N2`` with its columns in :func:`_mirror_order` (float16: every two-pass spectrum is stored in that
+    order) and ``F_N2`` with its rows in that order (``G^T``, ``F_N2`` is symmetric; fp32, for
+    :func:`_spectrum_inverse_kernel`, whose input ``Q`` is in that order)."""
+    _, f2h, _ = _constants(length, device, torch.float16, n2)
+    _, f2, _ = _constants(length, device, torch.float32, n2)
     order = _mirror_order(f2.shape[-1]).to(device)
     return f2h[:, :, order].contiguous(), f2[:, order, :].contiguous()
 
 
 @functools.cache
 def _negated_constants(length: int, device: torch.device, n2: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F_N1`` and ``F_N2`` as float16 ``[3, n, n]``: ``(Re F, Im F, -Im F)``, for :func:`_conv_pass_kernel`."""
-    f1, f2, _ = _constants(length, device, torch.float16, n2)
-    n1, n2 = _factors(length, n2)
-    f1, f2 = f1.view(2, n1, n1), f2.view(2, n2, n2)
+    """``F_N1`` and ``G`` (``F_N2`` in :func:`_mirror_order`) as float16 ``[3, n, n]``: ``(Re F, Im F, -Im F)``, for
+    :func:`_conv_pass_kernel`."""
+    f1, _, _ = _constants(length, device, torch.float16, n2)
+    f2, _ = _mirror_order_constants(length, device, n2)
     return torch.cat([f1, -f1[1:]]).contiguous(), torch.cat([f2, -f2[1:]]).contiguous()
 
 
@@ -916,6 +926,7 @@ def fft_conv_two_pass(
     config: TwoPassConfig | None = None,
     n2: int | None = None,
     only_pass: int | None = None,
+    spectrum: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Host side, no autograd: :func:`fft_conv_triton_fwd`'s convolution (or correlation) in two passes with
     float16 dot operands, for contiguous ``u [B, H, N]``, ``k [H, N]``, ``N <= MAX_FUSED_N``.
@@ -929,7 +940,9 @@ def fft_conv_two_pass(
     is read once.
 
     ``config`` and ``n2`` (the contiguous factor of the transform length) override the defaults, and ``only_pass``
-    (1 or 2) launches one pass alone (the output is then meaningless), for benchmark sweeps.
+    (1 or 2) launches one pass alone (the output is then meaningless), for benchmark sweeps. ``spectrum``
+    (:func:`pair_spectrum_buffers`) also receives ``u``'s pair spectra and row scales, for
+    :func:`fft_corr_sum_two_pass`'s ``given``.
     """
     b, h, n = u.shape
     if out is None:
@@ -941,13 +954,13 @@ def fft_conv_two_pass(
     n1, n2 = _factors(length, n2)
     prec = "fp16" if u.device.type == "cuda" else "fp16emu"
     bk, bm, bk2 = min(cfg.block_k, n1), min(cfg.block_m, n1 // 2), min(cfg.block_k2, n1)
-    f1, f2, tw = _constants(length, u.device, torch.float16, n2)
+    f1, _, tw = _constants(length, u.device, torch.float16, n2)
     f1n, f2n = _negated_constants(length, u.device, n2)
     nb2 = (b + 1) // 2
     gp = min(cfg.pairs, nb2)
     gp_k = min(cfg.pairs, h)
     d = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=u.device)
-    cscale = torch.empty((h * nb2, 2), dtype=torch.float32, device=u.device)
+    cscale = spectrum[1] if spectrum is not None else torch.empty((h * nb2, 2), dtype=torch.float32, device=u.device)
     kc = torch.empty((h, 2, n1, n2), dtype=torch.float16, device=u.device)
     kscale = torch.empty((h,), dtype=torch.float32, device=u.device)
     kbound = torch.empty((h,), dtype=torch.float32, device=u.device)
@@ -960,11 +973,12 @@ def fft_conv_two_pass(
         if only_pass != 2:
             # the kernel's rows as B = H rows of one channel, GP of them a program
             _forward_pass_kernel[(n1 // bk, 1, triton.cdiv(h, gp_k))](
-                k, kc, kscale, kbound, skip_arg, f1, f2, tw, h, 1, n, GP=gp_k, PAIR=False, **pass1
+                k, kc, kscale, kbound, skip_arg, f1, f2n, tw, h, 1, n, GP=gp_k, PAIR=False, **pass1
             )
             _conv_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
                 u, d, cscale, kc, kscale, kbound, skip_arg, f1n, f2n, tw, b, h, n, GP=gp, CONJ=correlate,
-                HALF=u.dtype != torch.float32 or TUNING["products"] == "float16", **pass1,
+                HALF=u.dtype != torch.float32 or TUNING["products"] == "float16",
+                spec=spectrum[0] if spectrum is not None else None, **pass1,
             )  # fmt: skip
         if only_pass != 1:
             _inverse_pass_kernel[(n1 // 2 // bm, h * nb2)](
@@ -981,8 +995,22 @@ def fft_conv_two_pass(
 CORR_LAUNCH = {"block_k": 16, "warps": 4, "inverse_block_k": 64, "inverse_warps": 4}
 
 
+def pair_spectrum_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty float16 pair spectra ``[H ceil(B/2), 2, N1, N2]`` and fp32 row scales ``[H ceil(B/2), 2]`` for the
+    rows of ``x [B, H, N]``: what :func:`fft_conv_two_pass` can fill (``spectrum=``) and
+    :func:`fft_corr_sum_two_pass` reuse (``given=``)."""
+    bsz, h, n = x.shape
+    n1, n2 = _factors(fft_length(n, _MIN_L))
+    s = h * ((bsz + 1) // 2)
+    z = torch.empty((s, 2, n1, n2), dtype=torch.float16, device=x.device)
+    return z, torch.empty((s, 2), dtype=torch.float32, device=x.device)
+
+
 def fft_corr_sum_two_pass(
-    a: torch.Tensor, b: torch.Tensor, config: TwoPassConfig | None = None
+    a: torch.Tensor,
+    b: torch.Tensor,
+    config: TwoPassConfig | None = None,
+    given: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side, no autograd: :func:`fft_corr_sum_triton`'s ``out[h, s] = sum_{b, t} a[b, h, t] b[b, h, t - s]``
     (fp32 ``[H, N]``) and ``dot[h] = sum_{b, t} a b`` (fp32 ``[H]``) on the two-pass kernels, for contiguous ``a, b
@@ -990,7 +1018,9 @@ def fft_corr_sum_two_pass(
     to their float16 spectra, :func:`_corr_spectrum_kernel` separates the rows and sums ``DFT(a_b) conj(DFT(b_b))``
     over the batch (two channels as one complex signal), and :func:`_inverse_pass_kernel` takes the channel pairs
     back to time with tf32x3 products. ``dot`` is an fp32 sum of products (from the spectra by Parseval it would
-    carry their float16 rounding, ~1e-3)."""
+    carry their float16 rounding, ~1e-3), taken in the pass over ``b`` (over ``a`` when ``b``'s spectrum is given).
+    ``given`` maps 0 (``a``) or 1 (``b``) to spectra already computed (:func:`pair_spectrum_buffers`, filled by
+    :func:`fft_conv_two_pass`), whose pass is then skipped."""
     bsz, h, n = a.shape
     out = torch.zeros((h, n), dtype=torch.float32, device=a.device)
     if bsz == 0 or n == 0 or h == 0:
@@ -1015,13 +1045,21 @@ def fft_corr_sum_two_pass(
     inv_dscale = torch.full((h2, 2), 1.0 / (4 * n2), dtype=torch.float32, device=a.device)
     one = torch.ones((1,), dtype=torch.float32, device=a.device)
     with on_device:
-        for x, other in ((a, None), (b, a)):
-            z = torch.empty((h * nb2, 2, n1, n2), dtype=torch.float16, device=a.device)
-            s = torch.empty((h * nb2, 2), dtype=torch.float32, device=a.device)
+        given = given or {}
+        # the dot in the pass over b (over a when b's spectrum is given)
+        dot_in = 0 if 1 in given else 1
+        for i, (x, y) in enumerate(((a, b), (b, a))):
+            if i in given:
+                spectra += list(given[i])
+                continue
+            z, s = pair_spectrum_buffers(x)
+            other = y if i == dot_in else None
             _forward_pass_kernel[(n1 // bk, h, triton.cdiv(nb2, gp))](
                 x, z, s, s, s, f1h, f2h, tw, bsz, h, n, GP=gp, PAIR=True, other=other, dots=dots, **pass1
             )
             spectra += [z, s]
+        if len(given) == 2:
+            dots.copy_((a.float() * b.float()).sum(2))
         exact = "tf32x3" if a.is_cuda else "ieee"
         bkc = min(CORR_LAUNCH["block_k"], n1)
         _corr_spectrum_kernel[(n1 // bkc, h2)](
@@ -1124,28 +1162,37 @@ _TWO_PASS_CONFIGS = (
 )
 
 
-def _conv(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool) -> torch.Tensor:
+def _conv(
+    u: torch.Tensor,
+    k: torch.Tensor,
+    skip: torch.Tensor | None,
+    correlate: bool,
+    spectrum: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, bool]:
     """The op's forward: :data:`TUNING` ``"conv"``'s path, the two-pass one falling back along
-    ``_TWO_PASS_CONFIGS`` and then to ``torch.fft`` where the GPU lacks the shared memory (:data:`PATHS`)."""
+    ``_TWO_PASS_CONFIGS`` and then to ``torch.fft`` where the GPU lacks the shared memory (:data:`PATHS`).
+    ``spectrum`` receives ``u``'s pair spectra if the two-pass path ran, which the second value says."""
     if TUNING["conv"] == "fused":
-        return fft_conv_triton_fwd(u, k, skip, correlate=correlate)
+        return fft_conv_triton_fwd(u, k, skip, correlate=correlate), False
     out = torch.empty_like(u)
     if u.numel() == 0:
-        return out
+        return out, False
     length, _ = _launch_options(u)
     key = ("two-pass", length, u.dtype, k.dtype, u.device)
     ran = _first_that_fits(
-        key, _TWO_PASS_CONFIGS, lambda c: fft_conv_two_pass(u, k, skip, correlate=correlate, out=out, config=c)
+        key,
+        _TWO_PASS_CONFIGS,
+        lambda c: fft_conv_two_pass(u, k, skip, correlate=correlate, out=out, config=c, spectrum=spectrum),
     )
     if ran is not None:
-        return out
+        return out, True
     PATHS[f"torch.fft L={length} (no two-pass configuration fits)"] += 1
-    return _conv_torch(u, k, skip, correlate, out)
+    return _conv_torch(u, k, skip, correlate, out), False
 
 
 @torch.library.custom_op("tilewise::fft_conv", mutates_args=())
 def _fft_conv_op(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool) -> torch.Tensor:
-    return _conv(u.contiguous(), k.contiguous(), skip.contiguous() if skip is not None else None, correlate)
+    return _conv(u.contiguous(), k.contiguous(), skip.contiguous() if skip is not None else None, correlate)[0]
 
 
 @_fft_conv_op.register_fake
@@ -1153,20 +1200,52 @@ def _(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bo
     return u.new_empty(u.shape)
 
 
-@torch.library.custom_op("tilewise::fft_corr_sum", mutates_args=())
-def _fft_corr_sum_op(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = a.contiguous(), b.contiguous()
+def _corr_sum(
+    a: torch.Tensor, b: torch.Tensor, given: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_b corr(a_b, b_b)`` and ``sum a b`` (fp32) by :data:`TUNING` ``"dk"``'s path; ``given`` spectra (for the
+    two-pass path) skip their pass."""
     if TUNING["dk"] == "triton":
         return fft_corr_sum_triton(a, b, with_dot=True)
     if TUNING["dk"] == "two-pass" and a.numel():
         key = ("two-pass dk", fft_length(a.shape[-1], _MIN_L), a.dtype, b.dtype, a.device)
         done: list = []
-        if _first_that_fits(key, _TWO_PASS_CONFIGS, lambda c: done.append(fft_corr_sum_two_pass(a, b, c))):
+        if _first_that_fits(key, _TWO_PASS_CONFIGS, lambda c: done.append(fft_corr_sum_two_pass(a, b, c, given))):
             return done[-1]
         PATHS["torch.fft dk (no two-pass configuration fits)"] += 1
     else:
         PATHS["torch.fft dk"] += 1
     return _corr_sum_torch(a, b)
+
+
+@torch.library.custom_op("tilewise::fft_corr_sum", mutates_args=())
+def _fft_corr_sum_op(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _corr_sum(a.contiguous(), b.contiguous())
+
+
+@torch.library.custom_op("tilewise::fft_conv_backward", mutates_args=())
+def _fft_conv_backward_op(
+    dy: torch.Tensor, u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``du``, ``dk`` (fp32) and ``sum dy u`` (fp32) of the op in one go (no double backward): ``du``'s pass 1
+    stores ``dy``'s pair spectra, which ``dk`` reuses instead of a pass of its own over ``dy``."""
+    dy, u, k = dy.contiguous(), u.contiguous(), k.contiguous()
+    skip = skip.contiguous() if skip is not None else None
+    share = TUNING["conv"] == TUNING["dk"] == "two-pass" and dy.numel() > 0
+    spectrum = pair_spectrum_buffers(dy) if share else None
+    du, two_pass = _conv(dy, k, skip, not correlate, spectrum)
+    if not two_pass:
+        spectrum = None  # du fell back to torch.fft: nothing was stored
+    # conv: dk[s] = sum_t dy[t] u[t - s]; correlation: dk[s] = sum_t u[t] dy[t - s]
+    a, b, i_dy = (u, dy, 1) if correlate else (dy, u, 0)
+    dk, dot = _corr_sum(a, b, {i_dy: spectrum} if spectrum is not None else None)
+    return du, dk, dot
+
+
+@_fft_conv_backward_op.register_fake
+def _(dy: torch.Tensor, u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool):
+    h = u.shape[1]
+    return dy.new_empty(dy.shape), dy.new_empty(k.shape, dtype=torch.float32), dy.new_empty((h,), dtype=torch.float32)
 
 
 @_fft_corr_sum_op.register_fake
@@ -1185,6 +1264,10 @@ def _backward(ctx, dy: torch.Tensor):
     kernel's gradient a correlation summed over the batch, the skip's ``sum(dy * u)`` (README.md)."""
     u, k, skip = ctx.saved_tensors
     du = dk = dskip = None
+    if ctx.needs_input_grad[0] and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not torch.is_grad_enabled():
+        # all at once, sharing dy's spectra (the combined op has no autograd: not under create_graph=True)
+        du, dk32, dot = _fft_conv_backward_op(dy, u, k, skip, ctx.correlate)
+        return du, dk32.to(k.dtype), dot.to(skip.dtype) if skip is not None else None, None
     if ctx.needs_input_grad[0]:
         du = _fft_conv_op(dy, k, skip, not ctx.correlate)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
