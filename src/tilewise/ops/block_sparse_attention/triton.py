@@ -262,9 +262,19 @@ def _block_mass_kernel(q, k, mass, T, H, NR, NC, sq_b, sq_h, sq_t, sq_d, sk_b, s
 TUNING: dict[str, int | None] = {"fwd_bm": None, "fwd_warps": None, "fwd_stages": None}
 
 
+# fp32 inputs run on blocks of at most this many rows (the mask refined to them: the same pairs attend) with tf32x3
+# products on a GPU. Compiled for sm_90 (D = 128, 8 warps): IEEE fp32 dots (FMA loops) at block 128 took 161 s to
+# compile with a 25 KB spill stack a thread and 256 KB of shared memory (did not finish within 7 minutes on the H100);
+# tf32x3 at block 32 compiles in 2-3 s (1-3 KB of spill: fp32 [32, 128] tiles split in two tf32 parts).
+FP32_BLOCK = 32
+
+
 def _launch_args(q: torch.Tensor, block_size: int) -> dict:
     warps = 8 if block_size >= 128 else 4
-    return {"D": q.shape[-1], "BT": block_size, "num_warps": warps, **_dot_args(q.dtype, q.device)}
+    dots = _dot_args(q.dtype, q.device)
+    if q.is_cuda and q.dtype == torch.float32:
+        dots["PREC"] = "tf32x3"  # three tensor-core products (~2^-21 relative), not FMA loops
+    return {"D": q.shape[-1], "BT": block_size, "num_warps": warps, **dots}
 
 
 def _fwd_launch_args(q: torch.Tensor, block_size: int) -> tuple[int, dict]:
@@ -292,6 +302,14 @@ def block_lists(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
         idx = torch.sort((~mm).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
         lists += [idx, mm.sum(-1, dtype=torch.int32).contiguous()]
     return tuple(lists)
+
+
+def refine_mask(block_mask: torch.Tensor, ratio: int, blocks: int) -> torch.Tensor:
+    """``block_mask [B, H, NB, NB]`` over blocks ``ratio`` times smaller: each kept block becomes ``ratio x ratio``
+    kept sub-blocks, cut to ``blocks`` a side (the last block may be partial). The same query-key pairs attend
+    (the causal cut of the diagonal blocks is :func:`block_lists`' ``tril``)."""
+    fine = block_mask.repeat_interleave(ratio, dim=-2).repeat_interleave(ratio, dim=-1)
+    return fine[..., :blocks, :blocks]
 
 
 def block_sparse_attention_fwd(q, k, v, kv_idx, kv_cnt, block_size: int, scale: float):
@@ -459,7 +477,11 @@ def block_sparse_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block_size: int, scale: float
 ) -> torch.Tensor:
     """Validated arguments in (``block_mask`` bool ``[B, H, NB, NB]``, diagonal kept), ``o [B, H, T, D]`` out;
-    differentiable in ``q, k, v`` (the gradient of ``lse`` is not: it is internal)."""
+    differentiable in ``q, k, v`` (the gradient of ``lse`` is not: it is internal). fp32 runs on blocks of
+    :data:`FP32_BLOCK` rows (:func:`refine_mask`)."""
+    if q.dtype == torch.float32 and block_size > FP32_BLOCK:
+        block_mask = refine_mask(block_mask, block_size // FP32_BLOCK, -(-q.shape[-2] // FP32_BLOCK))
+        block_size = FP32_BLOCK
     lists = block_lists(block_mask)
     o, _ = _bsa_op(q.contiguous(), k.contiguous(), v.contiguous(), *lists, int(block_size), float(scale))
     return o
