@@ -117,6 +117,25 @@ def test_triton_matches_reference(seq, block_size, dim, dtype, device):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("nb", [1, 5, 16, 37])
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_block_lists_kernel_matches_torch(nb, broadcast, device):
+    """The one-launch lists equal the sorted PyTorch ones on every kept entry and count: random bits above the
+    diagonal (ignored), a dropped diagonal (attended anyway), a mask broadcast over batch and heads (stride 0)."""
+    from tilewise.ops.block_sparse_attention.triton import block_lists, block_lists_torch
+
+    gen = torch.Generator().manual_seed(nb)
+    mask = torch.rand(1 if broadcast else 2, 1 if broadcast else 3, nb, nb, generator=gen) < 0.4
+    mask[..., 0, 0] = False
+    mask = mask.to(device).expand(2, 3, nb, nb)
+    got, want = block_lists(mask), block_lists_torch(mask)
+    for idx, cnt, widx, wcnt in ((got[0], got[1], want[0], want[1]), (got[2], got[3], want[2], want[3])):
+        assert torch.equal(cnt, wcnt)
+        valid = torch.arange(nb, device=device) < cnt[..., None]
+        assert torch.equal(torch.where(valid, idx, -1), torch.where(valid, widx, -1))
+
+
+@pytest.mark.interpret
 def test_triton_full_mask_is_causal_sdpa(device):
     q, k, v = (t.detach() for t in qkv(2, 1, 100, 32, device=device))
     o = block_sparse_attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool, device=device), block_size=32,
