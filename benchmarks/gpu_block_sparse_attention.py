@@ -162,6 +162,10 @@ SWEEP = {
     "s4": {"fwd_stages": 4},
     "bm64 w4 s3": {"fwd_bm": 64, "fwd_warps": 4, "fwd_stages": 3},
     "bm32 w4": {"fwd_bm": 32, "fwd_warps": 4},
+    "bn64": {"fwd_bn": 64},
+    "bn32": {"fwd_bn": 32},
+    "bn64 w4": {"fwd_bn": 64, "fwd_warps": 4},
+    "bm64 bn64 w4": {"fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4},
 }
 
 

@@ -63,10 +63,11 @@ def _store_rows(x, base, o_t, T, b_x, D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(b_q, k, v, base, i_s, o_t, T, b_m, b_l, b_acc, qk_scale, D: tl.constexpr, BT: tl.constexpr,
-              DIAG: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """One key block ``i_s`` of the online softmax: returns the updated ``(max, sum, accumulator)`` (base 2)."""
-    o_s = i_s * BT + tl.arange(0, BT)
+def _fwd_step(b_q, k, v, base, o_s, o_t, T, b_m, b_l, b_acc, qk_scale, D: tl.constexpr, DIAG: tl.constexpr,
+              DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Keys ``o_s`` (a block or a part of one) of the online softmax: the updated ``(max, sum, accumulator)``
+    (base 2). On the diagonal a row sees at least its own key in the block's first part, so its max is finite
+    before any part that hides every key from it."""
     b_k = _load_rows(k, base, o_s, T, D, DOT)
     b_v = _load_rows(v, base, o_s, T, D, DOT)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
@@ -82,8 +83,9 @@ def _fwd_step(b_q, k, v, base, i_s, o_t, T, b_m, b_l, b_acc, qk_scale, D: tl.con
 
 @triton.jit
 def _fwd_kernel(q, k, v, o, lse, kv_idx, kv_cnt, T, NB, qk_scale, D: tl.constexpr, BT: tl.constexpr,
-                BM: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """``BM`` query rows (a part of query block ``i_t`` when ``BM < BT``) against the block's kept key blocks."""
+                BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """``BM`` query rows (a part of query block ``i_t`` when ``BM < BT``) against the block's kept key blocks, ``BN``
+    keys a step (``BT / BN`` steps a block: a longer loop for the pipeline to fill)."""
     i_p, i_bh = tl.program_id(0), tl.program_id(1)
     i_t = i_p // (BT // BM)
     # int64: (b * H + h) * T * D can pass 2**31.
@@ -96,10 +98,14 @@ def _fwd_kernel(q, k, v, o, lse, kv_idx, kv_cnt, T, NB, qk_scale, D: tl.constexp
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
     n = tl.load(kv_cnt + row)
     # Off-diagonal kept blocks (fully visible), then the diagonal block, always kept and last in the list.
-    for i_n in range(0, n - 1):
-        i_s = tl.load(kv_idx + row * NB + i_n)
-        b_m, b_l, b_acc = _fwd_step(b_q, k, v, base, i_s, o_t, T, b_m, b_l, b_acc, qk_scale, D, BT, False, DOT, PREC)
-    b_m, b_l, b_acc = _fwd_step(b_q, k, v, base, i_t, o_t, T, b_m, b_l, b_acc, qk_scale, D, BT, True, DOT, PREC)
+    SUB: tl.constexpr = BT // BN
+    for i_j in range(0, (n - 1) * SUB):
+        i_s = tl.load(kv_idx + row * NB + i_j // SUB)
+        o_s = i_s * BT + (i_j % SUB) * BN + tl.arange(0, BN)
+        b_m, b_l, b_acc = _fwd_step(b_q, k, v, base, o_s, o_t, T, b_m, b_l, b_acc, qk_scale, D, False, DOT, PREC)
+    for i_c in range(0, SUB):
+        o_s = i_t * BT + i_c * BN + tl.arange(0, BN)
+        b_m, b_l, b_acc = _fwd_step(b_q, k, v, base, o_s, o_t, T, b_m, b_l, b_acc, qk_scale, D, True, DOT, PREC)
     _store_rows(o, base, o_t, T, b_acc / b_l[:, None], D)
     tl.store(lse + i_bh.to(tl.int64) * T + o_t, (b_m + tl.log2(b_l)) / 1.4426950408889634, mask=o_t < T)
 
@@ -276,9 +282,10 @@ def _block_mass_kernel(q, k, mass, T, H, NR, NC, sq_b, sq_h, sq_t, sq_d, sk_b, s
 
 
 # Launch choices of the forward kernel (benchmarks/gpu_block_sparse_attention.py --sweep times them): query rows
-# per program (``fwd_bm``, a power of two <= block_size, >= 32; None = the block), warps (None: 8 from block 128,
-# else 4) and pipeline stages (None: Triton's default, with the shared-memory fallback).
-TUNING: dict[str, int | None] = {"fwd_bm": None, "fwd_warps": None, "fwd_stages": None}
+# per program (``fwd_bm``, a power of two <= block_size, >= 32; None = the block), keys a step (``fwd_bn``, a power
+# of two <= block_size, >= 16; None = the block), warps (None: 8 from block 128, else 4) and pipeline stages (None:
+# Triton's default, with the shared-memory fallback).
+TUNING: dict[str, int | None] = {"fwd_bm": None, "fwd_bn": None, "fwd_warps": None, "fwd_stages": None}
 
 
 # fp32 inputs run on blocks of at most this many rows (the mask refined to them: the same pairs attend) with tf32x3
@@ -299,7 +306,8 @@ def _launch_args(q: torch.Tensor, block_size: int) -> dict:
 def _fwd_launch_args(q: torch.Tensor, block_size: int) -> tuple[int, dict]:
     """``(query rows per program, launch options)`` of the forward kernel from ``TUNING``."""
     bm = min(block_size, max(32, TUNING["fwd_bm"] or block_size))
-    opts = _launch_args(q, block_size) | {"BM": bm}
+    bn = min(block_size, max(16, TUNING["fwd_bn"] or block_size))
+    opts = _launch_args(q, block_size) | {"BM": bm, "BN": bn}
     if TUNING["fwd_warps"]:
         opts["num_warps"] = TUNING["fwd_warps"]
     if TUNING["fwd_stages"]:
