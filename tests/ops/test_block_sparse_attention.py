@@ -218,9 +218,15 @@ def test_launch_falls_back_to_fewer_stages(monkeypatch):
             return launch
 
     mod._launch_fitting(FakeKernel("k1", {1}), (1,), (), {"BT": 128})
-    assert calls == [None, 2, 1]
+    assert calls == [3, 2, 1]
     mod._launch_fitting(FakeKernel("k1", {1}), (1,), (), {"BT": 128})
-    assert calls == [None, 2, 1, 1]
+    assert calls == [3, 2, 1, 1]
+    # one that fits at once launches once, every time (the first depth tried used to be None, which read as
+    # "nothing fitted" and launched the kernel a second time)
+    calls.clear()
+    for _ in range(2):
+        mod._launch_fitting(FakeKernel("k3", {1, 2, 3}), (1,), (), {"BT": 64})
+    assert calls == [3, 3]
     with pytest.raises(OutOfResources):
         mod._launch_fitting(FakeKernel("k2", set()), (1,), (), {"BT": 128})
 
