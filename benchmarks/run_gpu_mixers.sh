@@ -3,14 +3,12 @@
 #   OUT=$OUT bash benchmarks/run_gpu_mixers.sh
 # Each step has its own time cap and writes its log to $OUT/<step>.log; a failing or timed-out step does not stop
 # the rest. The whole run stays under TOTAL_S seconds (default 560, inside the device tool's 600 s per command).
-# Steps, most needed first (the open items of issue #5 after the second 2026-11-23 session):
-#   1. the GPU tests of fft_conv, linear attention and block-sparse attention (the auto threshold test with
-#      N >= 2049 has not run on a GPU in its final form);
-#   2. fft_conv timings at N = 2048, 4096, 8192 (two-pass forward and dk against torch.fft), then the two-pass
-#      launch sweep;
-#   3. fp32 block-sparse attention at block 128 / D 128 alone, with a long cap (did not finish in 7 min before);
-#   4. tilewise bench mixers at T=2048 (the linear-attention fwd+bwd row measured 5.6 ms there against 0.56-0.62
-#      timed alone) and T=8192 (with fla when its wheels are carried: its autotuning takes minutes).
+# Steps, most needed first (the open items of issue #5 after the third 2026-11-23 session):
+#   1. the GPU tests of fft_conv, linear attention and block-sparse attention;
+#   2. fft_conv timings at N = 4096, 8192 (with and without the skip term), then the two-pass launch sweep;
+#   3. tilewise bench mixers at T=2048 and T=8192 with fla carried, each alone with a long cap (with fla's
+#      autotuning and FlexAttention's compile they ran past 150 s each in the last session), to refresh the main
+#      table, whose block-sparse rows carry the doubled kernels fixed at a33f312.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -48,12 +46,11 @@ step() {
 
 step gpu-tests 200 $PY -m pytest -q -p no:benchmark -rfE --tb=short -n 6 -m gpu \
   tests/ops/test_fft_conv.py tests/ops/test_linear_attention.py tests/ops/test_block_sparse_attention.py
-step fft-time 150 $PY benchmarks/gpu_fft_conv.py --no-sweep --no-check --n 2048 4096 8192
-step fft-sweep 200 $PY benchmarks/gpu_fft_conv_sweep.py --two-pass --jobs 14 --bk 64 128 --n2 64 --warps 4 8 \
-  --stages 1 2 --bk2 32 64 --bm 64 --pairs 2 4
-step bsa-fp32-128 120 $PY -c "import torch, tilewise.ops as o; q=torch.randn(1,2,1000,128,device='cuda',requires_grad=True); m=torch.ones(1,2,8,8,dtype=torch.bool,device='cuda'); y=o.block_sparse_attention(q,q,q,m,block_size=128); y.sum().backward(); print('fp32 block 128 ran', float(y.float().norm()))"
-step bench-mixers-2k 100 $PY -m tilewise bench mixers --seqlens 2048 --json "$OUT/bench_mixers_2048.json"
-step bench-mixers 150 $PY -m tilewise bench mixers --seqlens 8192 --json "$OUT/bench_mixers.json"
+step fft-time 150 $PY benchmarks/gpu_fft_conv.py --no-sweep --no-check --n 4096 8192
+step fft-sweep 150 $PY benchmarks/gpu_fft_conv_sweep.py --two-pass --jobs 14 --bk 64 128 --n2 64 --warps 4 8 \
+  --stages 1 2 --bk2 32 64 --bm 64 --pairs 4 8 --dtype fp32
+step bench-mixers-2k 240 $PY -m tilewise bench mixers --seqlens 2048 --json "$OUT/bench_mixers_2048.json"
+step bench-mixers 240 $PY -m tilewise bench mixers --seqlens 8192 --json "$OUT/bench_mixers.json"
 
 echo
 echo "=== run_gpu_mixers.sh: $(($(date +%s) - START))s of ${TOTAL_S}s; logs in $OUT"
