@@ -344,6 +344,18 @@ def test_triton_opcheck(device: str) -> None:
     torch.library.opcheck(_fft_conv_op, (u, k.requires_grad_(), skip.requires_grad_(), False))
 
 
+@pytest.mark.interpret
+def test_triton_backward_opcheck(device: str) -> None:
+    """The combined backward op (du, dk, dskip at once) against its fake implementation and schema."""
+    from tilewise.ops.fft_conv.triton import _fft_conv_backward_op
+
+    u, k, skip = inputs(3, 2, 40, device=device)
+    dy = torch.randn_like(u)
+    for correlate in (False, True):
+        torch.library.opcheck(_fft_conv_backward_op, (dy, u, k, skip, correlate))
+    torch.library.opcheck(_fft_conv_backward_op, (dy, u, k, None, False))
+
+
 # ---- the two-pass path (float16 products) in the interpreter
 
 
