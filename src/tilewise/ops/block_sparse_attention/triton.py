@@ -284,7 +284,7 @@ def _block_mass_kernel(q, k, mass, T, H, NR, NC, sq_b, sq_h, sq_t, sq_d, sk_b, s
 # Launch choices of the forward kernel (benchmarks/gpu_block_sparse_attention.py --sweep times them): query rows
 # per program (``fwd_bm``, a power of two <= block_size, >= 32; None = the block), keys a step (``fwd_bn``, a power
 # of two <= block_size, >= 16; None = the block), warps (None: 8 from block 128, else 4) and pipeline stages (None:
-# Triton's default, with the shared-memory fallback).
+# 3, falling back to 2 and 1 where shared memory is short: _launch_fitting).
 TUNING: dict[str, int | None] = {"fwd_bm": None, "fwd_bn": None, "fwd_warps": None, "fwd_stages": None}
 
 
