@@ -374,11 +374,13 @@ def _conv_pass_kernel(
 
     ``K = (C_k kscale[h] + skip[h]) / kbound[h]`` is the kernel's spectrum from :func:`_forward_pass_kernel`
     (``C_k = kc[h]``; ``skip`` times a unit impulse has the constant spectrum ``skip``; ``|K| <= 1``), ``conj(K)``
-    for the correlation. ``f1 [3, N1, N1]`` and ``f2 [3, N2, N2]`` hold ``(Re F, Im F, -Im F)`` in float16, so no
-    complex product negates a tile. The twiddle and kernel products are fp32 on fp32 accumulators, or with
-    ``HALF`` (16-bit I/O, whose own rounding dominates) float16 products on the float16 operands (packed
-    instructions, a third of the elementwise work). ``F_N1``'s block, the twiddles, ``F_N2`` and ``K`` are loaded
-    once a program and the loop over pairs is pipelined; masks, not a branch, for the last group's empty slots.
+    for the correlation. ``f1 [3, N1, N1]`` (``F_N1``) and ``f2 [3, N2, N2]`` (``G``: ``F_N2`` with its columns
+    in :func:`_mirror_order`, so ``C``, ``K`` and the stored spectra are in that order; the inverse multiplies by
+    ``conj(G)^T``) hold ``(Re, Im, -Im)`` in float16, so no complex product negates a tile. The twiddle and kernel
+    products are fp32 on fp32 accumulators, or with ``HALF`` (16-bit I/O, whose own rounding dominates) float16
+    products on the float16 operands (packed instructions, a third of the elementwise work). ``F_N1``'s block, the
+    twiddles, ``G`` and ``K`` are loaded once a program and the loop over pairs is pipelined; masks, not a branch,
+    for the last group's empty slots.
     With ``spec`` (``[S, 2, N1, N2]`` float16) the pairs' spectra ``C`` are stored too, as
     :func:`_forward_pass_kernel` would store them (``du``'s pass keeps ``dy``'s spectra for ``dk``)."""
     N1H: tl.constexpr = N1 // 2
