@@ -229,6 +229,11 @@ def test_launch_falls_back_to_fewer_stages(monkeypatch):
     assert calls == [3, 3]
     with pytest.raises(OutOfResources):
         mod._launch_fitting(FakeKernel("k2", set()), (1,), (), {"BT": 128})
+    # the shared helper refuses None as a configuration: it could not be told from "none fitted"
+    from tilewise.ops._launch import first_that_fits
+
+    with pytest.raises(ValueError, match="None is not a configuration"):
+        first_that_fits({}, "k", (None, 2, 1), lambda c: None)
 
 
 @pytest.mark.gpu

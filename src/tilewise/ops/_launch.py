@@ -28,7 +28,11 @@ def dot_args(dtype: torch.dtype, device: torch.device) -> dict:
 def first_that_fits(cache: dict, key: Any, configs: Sequence, launch: Callable[[Any], None]) -> Any | None:
     """Launch with the first of ``configs`` that fits the GPU, starting from the one that fitted last time for
     ``key`` in ``cache``; return it, or ``None`` when none does. ``OutOfResources`` (shared memory over the device's
-    limit) is raised at launch, before the kernel runs, so a failed try writes nothing."""
+    limit) is raised at launch, before the kernel runs, so a failed try writes nothing. ``None`` cannot be a
+    configuration: it would read as "none fitted" (block-sparse attention's ``(None, 2, 1)`` stage list once made
+    its caller launch every kernel a second time)."""
+    if any(c is None for c in configs):
+        raise ValueError("first_that_fits: None is not a configuration (its return value means none fitted)")
     start = cache.get(key, 0)
     for i in range(start, len(configs)):
         try:
