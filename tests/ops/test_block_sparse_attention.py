@@ -166,15 +166,34 @@ def test_triton_gpu_sizes(dim, dtype):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
-def test_diagonal_is_always_attended(backend, device):
-    """A mask without its diagonal blocks attends them anyway: the same output as with them kept."""
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_diagonal_is_always_attended(backend, block_size, device):
+    """A mask without its diagonal blocks attends them anyway: the same output as with them kept (the Triton path's
+    block lists add the diagonal; fp32 at block 64 runs on refined 32-row blocks, whose mask takes the coarse
+    diagonal before it is refined)."""
     dev = device if backend == "triton" else "cpu"
     q, k, v = (t.detach() for t in qkv(1, 2, 100, 32, device=dev))
-    mask = random_mask(1, 2, 100, 32, p=0.5, device=dev)
+    mask = random_mask(1, 2, 100, block_size, p=0.5, device=dev)
     without = mask.clone()
     without.diagonal(dim1=-2, dim2=-1).fill_(False)
-    want = block_sparse_attention(q, k, v, mask, block_size=32, backend=backend)
-    assert torch.equal(block_sparse_attention(q, k, v, without, block_size=32, backend=backend), want)
+    want = block_sparse_attention(q, k, v, mask, block_size=block_size, backend=backend)
+    assert torch.equal(block_sparse_attention(q, k, v, without, block_size=block_size, backend=backend), want)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_eager_function_equals_custom_op(dtype, device, monkeypatch):
+    """Eager calls take a plain autograd.Function, torch.compile the custom op: the same host functions, so the same
+    bits, forward and gradients."""
+    mod = importlib.import_module("tilewise.ops.block_sparse_attention.triton")
+    q, k, v = qkv(1, 2, 100, 32, dtype, device=device)
+    mask = random_mask(1, 2, 100, 32, p=0.5, device=device)
+    results = []
+    for via_op in (False, True):
+        monkeypatch.setattr(mod, "EAGER_VIA_CUSTOM_OP", via_op)
+        results.append(forward_and_grads(q, k, v, mask, 32, "triton"))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.interpret

@@ -475,6 +475,35 @@ def test_backward_shares_dy_spectrum(second_order: bool, device: str, monkeypatc
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("second_order", [False, True])
+def test_triton_eager_function_equals_custom_op(
+    second_order: bool, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eager calls take a plain autograd.Function, torch.compile the custom op: the same host functions, so the same
+    bits, for the output, the gradients and (second order) the gradients of a gradient."""
+    import importlib
+
+    tt = importlib.import_module("tilewise.ops.fft_conv.triton")
+    u, k, skip = inputs(3, 2, 300, device=device)
+    dy, w = torch.randn_like(u), torch.randn_like(u)
+    results = []
+    for via_op in (False, True):
+        monkeypatch.setattr(tt, "EAGER_VIA_CUSTOM_OP", via_op)
+        uu, kk, ss, dd = (t.detach().clone().requires_grad_() for t in (u, k, skip, dy))
+        y = triton_conv(uu, kk, ss)
+        if second_order:
+            du, dk, dskip = torch.autograd.grad(y, (uu, kk, ss), dd, create_graph=True)
+            (du * w).sum().backward()
+            results.append([y, du, dk, dskip, dd.grad, kk.grad, ss.grad])
+        else:
+            y.backward(dd)
+            results.append([y, uu.grad, kk.grad, ss.grad])
+    for a, b in zip(*results, strict=True):
+        assert a is not None
+        assert torch.equal(a, b)
+
+
+@pytest.mark.interpret
 def test_two_pass_rounds_to_float16(device: str) -> None:
     # the float16 rounding is really applied (in the interpreter as "fp16emu"): coarser than the fused tf32x3 path
     u, k, skip = inputs(2, 2, 1000, device=device)

@@ -51,7 +51,7 @@ def _check_block_size(block_size: int, low: int = 16, high: int | None = None) -
 
 
 def _check_block_mask(block_mask: torch.Tensor, q: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``block_mask`` expanded to ``[B, H, NB, NB]`` (size-1 batch / head dims broadcast), on q's device."""
+    """``block_mask`` expanded to ``[B, H, NB, NB]`` (size-1 batch / head dims broadcast, a view), on q's device."""
     batch, heads, seq, _ = q.shape
     nb = -(-seq // block_size)
     want = (batch, heads, nb, nb)
@@ -67,9 +67,15 @@ def _check_block_mask(block_mask: torch.Tensor, q: torch.Tensor, block_size: int
             f"block_mask must be [B, H, NB, NB] = {list(want)} (NB = ceil(T / block_size) = ceil({seq} / "
             f"{block_size}); B and H may be 1 to broadcast), got {list(shape)}"
         )
-    # Every query sees at least itself: the diagonal blocks are attended whether the mask keeps them or not (an OR
-    # on the device, where a check would cost a host sync per call).
-    return block_mask.expand(want) | torch.eye(nb, dtype=torch.bool, device=q.device)
+    return block_mask.expand(want)
+
+
+def _with_diagonal(block_mask: torch.Tensor) -> torch.Tensor:
+    """Every query sees at least itself: the diagonal blocks are attended whether the mask keeps them or not (an OR
+    on the device, where a check would cost a host sync per call). The Triton path's block lists add the diagonal
+    themselves, so only the reference takes this copy."""
+    nb = block_mask.shape[-1]
+    return block_mask | torch.eye(nb, dtype=torch.bool, device=block_mask.device)
 
 
 def block_sparse_attention(
@@ -120,7 +126,7 @@ def block_sparse_attention(
     block_mask = _check_block_mask(block_mask, q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve_backend(backend, q, k, v) == "reference":
-        return block_sparse_attention_ref(q, k, v, block_mask, block_size, scale)
+        return block_sparse_attention_ref(q, k, v, _with_diagonal(block_mask), block_size, scale)
     from tilewise.ops.block_sparse_attention.triton import block_sparse_attention_triton
 
     return block_sparse_attention_triton(q, k, v, block_mask, block_size, scale)

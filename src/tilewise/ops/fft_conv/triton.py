@@ -1225,8 +1225,7 @@ def _fft_corr_sum_op(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
     return _corr_sum(a.contiguous(), b.contiguous())
 
 
-@torch.library.custom_op("tilewise::fft_conv_backward", mutates_args=())
-def _fft_conv_backward_op(
+def _conv_backward(
     dy: torch.Tensor, u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``du``, ``dk`` (fp32) and ``sum dy u`` (fp32) of the op in one go (no double backward): ``du``'s pass 1
@@ -1242,6 +1241,14 @@ def _fft_conv_backward_op(
     a, b, i_dy = (u, dy, 1) if correlate else (dy, u, 0)
     dk, dot = _corr_sum(a, b, {i_dy: spectrum} if spectrum is not None else None)
     return du, dk, dot
+
+
+@torch.library.custom_op("tilewise::fft_conv_backward", mutates_args=())
+def _fft_conv_backward_op(
+    dy: torch.Tensor, u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None, correlate: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_conv_backward` as an op."""
+    return _conv_backward(dy, u, k, skip, correlate)
 
 
 @_fft_conv_backward_op.register_fake
@@ -1261,20 +1268,23 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.correlate = correlate
 
 
-def _backward(ctx, dy: torch.Tensor):
+def _backward(ctx, dy: torch.Tensor, eager: bool = False):
     """Adjoints: a causal convolution's is the anti-causal correlation with the same kernel (and back), the
-    kernel's gradient a correlation summed over the batch, the skip's ``sum(dy * u)`` (README.md)."""
+    kernel's gradient a correlation summed over the batch, the skip's ``sum(dy * u)`` (README.md). ``eager``
+    (:class:`_EagerFFTConv`): the same host functions without the custom ops."""
     u, k, skip = ctx.saved_tensors
     du = dk = dskip = None
     if ctx.needs_input_grad[0] and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not torch.is_grad_enabled():
         # all at once, sharing dy's spectra (the combined op has no autograd: not under create_graph=True)
-        du, dk32, dot = _fft_conv_backward_op(dy, u, k, skip, ctx.correlate)
+        du, dk32, dot = (_conv_backward if eager else _fft_conv_backward_op)(dy, u, k, skip, ctx.correlate)
         return du, dk32.to(k.dtype), dot.to(skip.dtype) if skip is not None else None, None
     if ctx.needs_input_grad[0]:
-        du = _fft_conv_op(dy, k, skip, not ctx.correlate)
+        # differentiable either way (under create_graph=True the correlation's own backward is the convolution)
+        du = (_EagerFFTConv.apply if eager else _fft_conv_op)(dy, k, skip, not ctx.correlate)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # conv: dk[s] = sum_t dy[t] u[t - s]; correlation: dk[s] = sum_t u[t] dy[t - s].
-        dk32, dot = _fft_corr_sum_op(*((u, dy) if ctx.correlate else (dy, u)))
+        a, b = (u, dy) if ctx.correlate else (dy, u)
+        dk32, dot = _corr_sum(a.contiguous(), b.contiguous()) if eager else _fft_corr_sum_op(a, b)
         dk = dk32.to(k.dtype)
         dskip = dot.to(skip.dtype) if skip is not None else None
     return du, dk, dskip, None
@@ -1283,7 +1293,30 @@ def _backward(ctx, dy: torch.Tensor):
 _fft_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerFFTConv(torch.autograd.Function):
+    """The same forward and backward as :func:`_fft_conv_op` without the custom-op layers (dispatcher, fake-tensor
+    wrapper, the compiler's disable guard), for eager calls, where at short lengths the GPU waits on the host. The
+    custom op stays for ``torch.compile``."""
+
+    @staticmethod
+    def forward(ctx, u, k, skip, correlate):
+        ctx.save_for_backward(u, k, skip)
+        ctx.correlate = correlate
+        return _conv(u.contiguous(), k.contiguous(), skip.contiguous() if skip is not None else None, correlate)[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy, eager=True)
+
+
+# Tests set this to run the eager calls through the custom op as well (both paths share the host functions).
+EAGER_VIA_CUSTOM_OP = False
+
+
 def fft_conv_triton(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal FFT convolution with the Triton kernels, differentiable (the ``tilewise::fft_conv`` op);
-    ``u [B, H, N]``, ``k [H, N]``, ``skip [H]`` or None, ``N <= MAX_FUSED_N``; returns ``[B, H, N]`` in u's dtype."""
-    return _fft_conv_op(u, k, skip, False)
+    """Causal FFT convolution with the Triton kernels, differentiable (the ``tilewise::fft_conv`` op under
+    ``torch.compile``, a plain autograd.Function in eager calls); ``u [B, H, N]``, ``k [H, N]``, ``skip [H]`` or
+    None, ``N <= MAX_FUSED_N``; returns ``[B, H, N]`` in u's dtype."""
+    if torch.compiler.is_compiling() or EAGER_VIA_CUSTOM_OP:
+        return _fft_conv_op(u, k, skip, False)
+    return _EagerFFTConv.apply(u, k, skip, False)
