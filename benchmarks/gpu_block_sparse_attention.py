@@ -16,7 +16,12 @@
    (the ``tilewise bench mixers`` shape), forward and forward+backward, then that suite's rows at T=8192 without
    fla (SDPA and FlexAttention on the same mask, in the same process).
 
-Options: ``--skip-check``, ``--skip-time``, ``--sweep``, ``--seq 32768``, ``--block-size 64``.
+4. ``--sweep-bwd``: the gradient kernels' launch choices (``TUNING`` ``dkdv_*``: keys a program, query rows a step,
+   warps, stages; then ``dq_*`` with the best dk/dv choice kept), the backward alone (``do_bench``) at ``B=4 H=16
+   D=128`` bf16, block 128, ~10% of the blocks, ``T = --seq``; every variant's gradients are compared with the
+   default's.
+
+Options: ``--skip-check``, ``--skip-time``, ``--sweep``, ``--sweep-bwd``, ``--seq 32768``, ``--block-size 64``.
 """
 
 from __future__ import annotations
@@ -204,6 +209,49 @@ def sweep(batch: int = 4, heads: int = 16, seq: int = 8192, dim: int = 128) -> N
     print(format_table(mixers_suite(seqlens=[seq], peers=())))
 
 
+BWD_SWEEP = {
+    "dkdv": [(128, 128, 8), (128, 32, 8), (128, 64, 8), (64, 32, 4), (64, 64, 4), (64, 64, 8), (32, 32, 4)],
+    "dq": [(128, 128, 8), (128, 32, 8), (128, 64, 8), (64, 32, 4), (64, 64, 4), (64, 64, 8), (32, 32, 4)],
+}
+
+
+def sweep_bwd(seq: int, batch: int = 4, heads: int = 16, dim: int = 128, block: int = 128) -> None:
+    from tilewise.bench.mixers import keep_mask
+    from tilewise.ops.block_sparse_attention import triton as bsa_triton
+
+    defaults = dict(bsa_triton.TUNING)
+    q, k, v, do = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    mask = keep_mask(seq, block).to("cuda")[None, None].expand(batch, heads, -1, -1)
+    lists = bsa_triton.block_lists(mask)
+    o, lse = bsa_triton.block_sparse_attention_fwd(q, k, v, lists[0], lists[1], block, dim**-0.5)
+
+    def bwd():
+        return bsa_triton.block_sparse_attention_bwd(q, k, v, o, lse, do, *lists, block, dim**-0.5)
+
+    want = [g.float() for g in bwd()]
+    print(f"\nbackward sweep: B={batch} H={heads} T={seq} D={dim} bf16, block {block}, kept {_density(mask):.1%}")
+    print(f"  default {_bench(bwd):7.3f} ms")
+    for kernel, (first, second) in (("dkdv", ("bn", "bm")), ("dq", ("bm", "bn"))):
+        best = None
+        for rows, step, warps in BWD_SWEEP[kernel]:
+            for stages in (2, 3):
+                change = {f"{kernel}_{first}": rows, f"{kernel}_{second}": step, f"{kernel}_warps": warps,
+                          f"{kernel}_stages": stages}  # fmt: skip
+                bsa_triton.TUNING.update(change)
+                name = f"{kernel} {first}{rows} {second}{step} w{warps} st{stages}"
+                try:
+                    diff = max(_rel_rms(g, w) for g, w in zip(bwd(), want, strict=True))
+                    t = _bench(bwd)
+                    print(f"  {name:28} {t:7.3f} ms (gradients vs the default's: {diff:.1e})", flush=True)
+                    best = min(best or (t, change), (t, change), key=lambda x: x[0])
+                except Exception as e:  # a variant that does not fit: report, go on
+                    print(f"  {name:28} failed ({type(e).__name__}: {str(e)[:90]})", flush=True)
+        bsa_triton.TUNING.update(best[1] if best else {})
+        print(f"  best {kernel}: {best}")
+    bsa_triton.TUNING.clear()
+    bsa_triton.TUNING.update(defaults)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-check", action="store_true")
@@ -211,6 +259,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=32768)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--sweep", action="store_true", help="time the forward kernel's launch choices")
+    parser.add_argument("--sweep-bwd", action="store_true", help="time the gradient kernels' launch choices")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -222,6 +271,8 @@ def main() -> int:
     ok = check() if not args.skip_check else True
     if args.sweep:
         sweep()
+    if args.sweep_bwd:
+        sweep_bwd(args.seq)
     if not args.skip_time:
         time_all(args.seq, args.block_size)
     return 0 if ok else 1

@@ -214,6 +214,26 @@ def test_triton_forward_query_and_key_split(bm, bn, device, monkeypatch):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize(
+    ("dkdv_bn", "dkdv_bm", "dq_bm", "dq_bn"),
+    [(32, 32, 32, 32), (64, 32, 128, 32), (128, 64, 64, 128), (32, 128, 32, 64)],
+)
+def test_triton_backward_parts_of_blocks(dkdv_bn, dkdv_bm, dq_bm, dq_bn, device, monkeypatch):
+    """The gradient kernels on parts of the 128-blocks (TUNING dkdv_bn keys a program, dkdv_bm query rows a step;
+    dq_bm query rows a program, dq_bn keys a step: on the diagonal, steps that see none of the part are skipped)
+    give the reference's gradients; T = 200 leaves a partial last block."""
+    mod = importlib.import_module("tilewise.ops.block_sparse_attention.triton")
+    q, k, v = qkv(1, 2, 200, 32, torch.bfloat16, device=device)
+    mask = random_mask(1, 2, 200, 128, p=0.5, device=device)
+    want = forward_and_grads(q, k, v, mask, 128, "reference")
+    for key, rows in (("dkdv_bn", dkdv_bn), ("dkdv_bm", dkdv_bm), ("dq_bm", dq_bm), ("dq_bn", dq_bn)):
+        monkeypatch.setitem(mod.TUNING, key, rows)
+    got = forward_and_grads(q, k, v, mask, 128, "triton")
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want, strict=True):
+        assert_rel_rms(a, b, REL[torch.bfloat16], floor=1e-6, msg=name)
+
+
+@pytest.mark.interpret
 def test_launch_falls_back_to_fewer_stages(monkeypatch):
     """A launch that does not fit shared memory is retried with 2, then 1 pipeline stage, and the depth that fitted
     is reused; when nothing fits the error goes to the caller."""

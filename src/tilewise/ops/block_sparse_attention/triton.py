@@ -121,9 +121,9 @@ def _probs(b_q, b_k, lse, o_t, o_s, T, bh_t, qk_scale, DIAG: tl.constexpr, PREC:
 
 
 @triton.jit
-def _dkdv_step(q, do, lse, delta, base, bh_t, i_t, o_s, T, b_k, b_v, b_dk, b_dv, qk_scale, D: tl.constexpr,
-               BT: tl.constexpr, DIAG: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    o_t = i_t * BT + tl.arange(0, BT)
+def _dkdv_step(q, do, lse, delta, base, bh_t, o_t, o_s, T, b_k, b_v, b_dk, b_dv, qk_scale, D: tl.constexpr,
+               DIAG: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """The query rows ``o_t`` (a block or a part of one) against the keys ``o_s`` of the program."""
     b_q = _load_rows(q, base, o_t, T, D, DOT)
     b_do = _load_rows(do, base, o_t, T, D, DOT)
     b_p = _probs(b_q, b_k, lse, o_t, o_s, T, bh_t, qk_scale, DIAG, PREC)
@@ -152,34 +152,44 @@ DELTA_ROWS = 64
 
 @triton.jit
 def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, T, NB, scale, qk_scale, D: tl.constexpr,
-                     BT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+                     BT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, DOT: tl.constexpr,
+                     PREC: tl.constexpr):  # fmt: skip
+    """``BN`` keys (a part of key block ``i_s`` when ``BN < BT``) against the query blocks that keep the block,
+    ``BM`` query rows a step (``BT / BM`` steps a block; on the diagonal only the steps from the first row that can
+    see the part)."""
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_s = i_p // (BT // BN)
+    r_s = (i_p % (BT // BN)) * BN
     base = i_bh.to(tl.int64) * T * D
     bh_t = i_bh.to(tl.int64) * T
     row = i_bh.to(tl.int64) * NB + i_s
-    o_s = i_s * BT + tl.arange(0, BT)
+    o_s = i_s * BT + r_s + tl.arange(0, BN)
     b_k = _load_rows(k, base, o_s, T, D, DOT)
     b_v = _load_rows(v, base, o_s, T, D, DOT)
-    b_dk = tl.zeros([BT, D], dtype=tl.float32)
-    b_dv = tl.zeros([BT, D], dtype=tl.float32)
-    # The diagonal block first in the list, then the query blocks below it that keep this key block.
-    b_dk, b_dv = _dkdv_step(
-        q, do, lse, delta, base, bh_t, i_s, o_s, T, b_k, b_v, b_dk, b_dv, qk_scale, D, BT, True, DOT, PREC
-    )
-    n = tl.load(q_cnt + row)
-    for i_n in range(1, n):
-        i_t = tl.load(q_idx + row * NB + i_n)
+    b_dk = tl.zeros([BN, D], dtype=tl.float32)
+    b_dv = tl.zeros([BN, D], dtype=tl.float32)
+    SUB: tl.constexpr = BT // BM
+    # The diagonal block first in the list (rows below the part's first key see none of it), then the query blocks
+    # below it that keep this key block.
+    for i_c in range(r_s // BM, SUB):
+        o_t = i_s * BT + i_c * BM + tl.arange(0, BM)
         b_dk, b_dv = _dkdv_step(
-            q, do, lse, delta, base, bh_t, i_t, o_s, T, b_k, b_v, b_dk, b_dv, qk_scale, D, BT, False, DOT, PREC
+            q, do, lse, delta, base, bh_t, o_t, o_s, T, b_k, b_v, b_dk, b_dv, qk_scale, D, True, DOT, PREC
+        )
+    n = tl.load(q_cnt + row)
+    for i_j in range(SUB, n * SUB):
+        i_t = tl.load(q_idx + row * NB + i_j // SUB)
+        o_t = i_t * BT + (i_j % SUB) * BM + tl.arange(0, BM)
+        b_dk, b_dv = _dkdv_step(
+            q, do, lse, delta, base, bh_t, o_t, o_s, T, b_k, b_v, b_dk, b_dv, qk_scale, D, False, DOT, PREC
         )
     _store_rows(dk, base, o_s, T, b_dk * scale, D)
     _store_rows(dv, base, o_s, T, b_dv, D)
 
 
 @triton.jit
-def _dq_step(b_q, b_do, b_delta, k, v, lse, base, bh_t, i_s, o_t, T, b_dq, qk_scale, D: tl.constexpr,
-             BT: tl.constexpr, DIAG: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    o_s = i_s * BT + tl.arange(0, BT)
+def _dq_step(b_q, b_do, b_delta, k, v, lse, base, bh_t, o_s, o_t, T, b_dq, qk_scale, D: tl.constexpr,
+             DIAG: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     b_k = _load_rows(k, base, o_s, T, D, DOT)
     b_v = _load_rows(v, base, o_s, T, D, DOT)
     b_p = _probs(b_q, b_k, lse, o_t, o_s, T, bh_t, qk_scale, DIAG, PREC)
@@ -189,21 +199,30 @@ def _dq_step(b_q, b_do, b_delta, k, v, lse, base, bh_t, i_s, o_t, T, b_dq, qk_sc
 
 @triton.jit
 def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, kv_idx, kv_cnt, T, NB, scale, qk_scale, D: tl.constexpr,
-                   BT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+                   BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
+                   PREC: tl.constexpr):  # fmt: skip
+    """``BM`` query rows (a part of query block ``i_t`` when ``BM < BT``) against the block's kept key blocks, ``BN``
+    keys a step (on the diagonal only the steps up to the part's last row)."""
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t = i_p // (BT // BM)
+    r_t = (i_p % (BT // BM)) * BM
     base = i_bh.to(tl.int64) * T * D
     bh_t = i_bh.to(tl.int64) * T
     row = i_bh.to(tl.int64) * NB + i_t
-    o_t = i_t * BT + tl.arange(0, BT)
+    o_t = i_t * BT + r_t + tl.arange(0, BM)
     b_q = _load_rows(q, base, o_t, T, D, DOT)
     b_do = _load_rows(do, base, o_t, T, D, DOT)
     b_delta = tl.load(delta + bh_t + o_t, mask=o_t < T, other=0.0)
-    b_dq = tl.zeros([BT, D], dtype=tl.float32)
+    b_dq = tl.zeros([BM, D], dtype=tl.float32)
     n = tl.load(kv_cnt + row)
-    for i_n in range(0, n - 1):
-        i_s = tl.load(kv_idx + row * NB + i_n)
-        b_dq = _dq_step(b_q, b_do, b_delta, k, v, lse, base, bh_t, i_s, o_t, T, b_dq, qk_scale, D, BT, False, DOT, PREC)
-    b_dq = _dq_step(b_q, b_do, b_delta, k, v, lse, base, bh_t, i_t, o_t, T, b_dq, qk_scale, D, BT, True, DOT, PREC)
+    SUB: tl.constexpr = BT // BN
+    for i_j in range(0, (n - 1) * SUB):
+        i_s = tl.load(kv_idx + row * NB + i_j // SUB)
+        o_s = i_s * BT + (i_j % SUB) * BN + tl.arange(0, BN)
+        b_dq = _dq_step(b_q, b_do, b_delta, k, v, lse, base, bh_t, o_s, o_t, T, b_dq, qk_scale, D, False, DOT, PREC)
+    for i_c in range(0, (r_t + BM - 1) // BN + 1):
+        o_s = i_t * BT + i_c * BN + tl.arange(0, BN)
+        b_dq = _dq_step(b_q, b_do, b_delta, k, v, lse, base, bh_t, o_s, o_t, T, b_dq, qk_scale, D, True, DOT, PREC)
     _store_rows(dq, base, o_t, T, b_dq * scale, D)
 
 
@@ -285,7 +304,21 @@ def _block_mass_kernel(q, k, mass, T, H, NR, NC, sq_b, sq_h, sq_t, sq_d, sk_b, s
 # per program (``fwd_bm``, a power of two <= block_size, >= 32; None = the block), keys a step (``fwd_bn``, a power
 # of two <= block_size, >= 16; None = the block), warps (None: 8 from block 128, else 4) and pipeline stages (None:
 # 3, falling back to 2 and 1 where shared memory is short: _launch_fitting).
-TUNING: dict[str, int | None] = {"fwd_bm": None, "fwd_bn": None, "fwd_warps": None, "fwd_stages": None}
+TUNING: dict[str, int | None] = {
+    "fwd_bm": None,
+    "fwd_bn": None,
+    "fwd_warps": None,
+    "fwd_stages": None,
+    # the dk/dv kernel: keys a program, query rows a step; the dq kernel: query rows a program, keys a step
+    "dkdv_bn": None,
+    "dkdv_bm": None,
+    "dkdv_warps": None,
+    "dkdv_stages": None,
+    "dq_bm": None,
+    "dq_bn": None,
+    "dq_warps": None,
+    "dq_stages": None,
+}
 
 
 # fp32 inputs run on blocks of at most this many rows (the mask refined to them: the same pairs attend) with tf32x3
@@ -301,6 +334,43 @@ def _launch_args(q: torch.Tensor, block_size: int) -> dict:
     if q.is_cuda and q.dtype == torch.float32:
         dots["PREC"] = "tf32x3"  # three tensor-core products (~2^-21 relative), not FMA loops
     return {"D": q.shape[-1], "BT": block_size, "num_warps": warps, **dots}
+
+
+def _split(block_size: int, rows: int | None, low: int) -> int:
+    """Rows of a part of a block: ``rows`` (a power of two) clamped to ``[low, block_size]``; None: the block."""
+    return min(block_size, max(low, rows or block_size))
+
+
+# The dk/dv kernel's launch unless TUNING says otherwise: 64 keys a program, 64 query rows a step, 4 warps, pipeline
+# depth 2 first. H100, B=4 H=16 D=128 bf16, block 128, 10% of the blocks (benchmarks/gpu_block_sparse_attention.py
+# --sweep-bwd): the backward 1.708 -> 1.30 ms at T=8192 and 16.54 -> 13.32 at T=32768 against whole 128-blocks with
+# 8 warps (whose three stages ask 296 KB of shared memory and fall back); 128 keys with 32-row steps 1.98, 8 warps
+# with 64/64 1.91, 32/32 2.2+. The dq kernel keeps whole blocks: 64-row parts measured within 1% at 8K and 7%
+# slower at 32K.
+DKDV_LAUNCH = {"bn": 64, "bm": 64, "warps": 4, "stages": (2, 1)}
+
+
+def _bwd_launch_args(
+    q: torch.Tensor, block_size: int
+) -> tuple[tuple[int, int, dict, tuple], tuple[int, int, dict, tuple]]:
+    """``(keys a program, query rows a step, options, pipeline depths to try)`` of the dk/dv kernel
+    (:data:`DKDV_LAUNCH`) and ``(query rows a program, keys a step, options, depths)`` of the dq kernel (whole
+    blocks), each overridden by ``TUNING``. Parts of at least 32 rows: each is an M or N dimension of some dot
+    (16-wide 16-bit dot tiles were wrong on an H100 with triton 3.6; see linear_attention)."""
+    base = _launch_args(q, block_size)
+    defaults = {"dkdv": DKDV_LAUNCH, "dq": {"bn": None, "bm": None, "warps": None, "stages": STAGES_TRIED}}
+    out = []
+    for kernel, first, second in (("dkdv", "bn", "bm"), ("dq", "bm", "bn")):
+        dflt = defaults[kernel]
+        opts = dict(base)
+        warps = TUNING[f"{kernel}_warps"] or dflt["warps"]
+        if warps:
+            opts["num_warps"] = warps
+        stages = (TUNING[f"{kernel}_stages"],) if TUNING[f"{kernel}_stages"] else dflt["stages"]
+        rows = _split(block_size, TUNING[f"{kernel}_{first}"] or dflt[first], 32)
+        step = _split(block_size, TUNING[f"{kernel}_{second}"] or dflt[second], 32)
+        out.append((rows, step, opts, stages))
+    return out[0], out[1]
 
 
 def _fwd_launch_args(q: torch.Tensor, block_size: int) -> tuple[int, dict]:
@@ -403,11 +473,13 @@ def block_sparse_attention_bwd(q, k, v, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt
     rows = batch * heads * seq
     _delta_kernel[(triton.cdiv(rows, DELTA_ROWS),)](o, do, delta, rows, D=q.shape[-1], BR=DELTA_ROWS)
     nb = kv_cnt.shape[-1]
-    grid, common = (nb, batch * heads), _launch_args(q, block_size)
+    (bn1, bm1, o1, st1), (bm2, bn2, o2, st2) = _bwd_launch_args(q, block_size)
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, seq, nb, scale, scale * LOG2E)
-    _launch_fitting(_bwd_dkdv_kernel, grid, dkdv_args, common)
+    grid1 = (nb * (block_size // bn1), batch * heads)
+    _launch_fitting(_bwd_dkdv_kernel, grid1, dkdv_args, o1 | {"BN": bn1, "BM": bm1}, st1)
     dq_args = (q, k, v, do, lse, delta, dq, kv_idx, kv_cnt, seq, nb, scale, scale * LOG2E)
-    _launch_fitting(_bwd_dq_kernel, grid, dq_args, common)
+    grid2 = (nb * (block_size // bm2), batch * heads)
+    _launch_fitting(_bwd_dq_kernel, grid2, dq_args, o2 | {"BM": bm2, "BN": bn2}, st2)
     return dq, dk, dv
 
 
@@ -417,11 +489,12 @@ _STAGES: dict[tuple, int] = {}
 STAGES_TRIED = (3, 2, 1)
 
 
-def _launch_fitting(kernel, grid, args, options: dict) -> None:
-    """Launch once with 3 software-pipelining stages (Triton's default), or, where that does not fit the GPU's
-    shared memory (the gradient kernels at block 128 with D = 128 asked for 296 KB on an H100, which has 227 KB),
-    with 2 and then 1 stage (:func:`tilewise.ops._launch.first_that_fits`); when none fits, the last launch's
-    ``OutOfResources`` goes to the caller. Stages the caller chose are launched as they are.
+def _launch_fitting(kernel, grid, args, options: dict, tried: tuple[int, ...] = STAGES_TRIED) -> None:
+    """Launch once with the first of the pipeline depths ``tried`` that fits the GPU's shared memory (by default 3,
+    Triton's default, then 2 and 1: the gradient kernels on whole 128-blocks with D = 128 asked for 296 KB on an
+    H100, which has 227 KB; :func:`tilewise.ops._launch.first_that_fits`); when none fits, the last launch's
+    ``OutOfResources`` goes to the caller. Stages the caller chose (``num_stages`` in ``options``) are launched as
+    they are.
 
     (The depths were ``(None, 2, 1)``, None for Triton's default, until ``first_that_fits`` returning that None
     read as "nothing fitted": every kernel then ran a second time with 1 stage, doubling the forward (0.889 ->
@@ -434,8 +507,8 @@ def _launch_fitting(kernel, grid, args, options: dict) -> None:
     def launch(stages: int) -> None:
         kernel[grid](*args, **options, num_stages=stages)
 
-    if first_that_fits(_STAGES, key, STAGES_TRIED, launch) is None:
-        launch(1)  # raises the OutOfResources of the smallest depth
+    if first_that_fits(_STAGES, key, tried, launch) is None:
+        launch(tried[-1])  # raises the OutOfResources of the smallest depth
 
 
 def _mass_config(q: torch.Tensor) -> dict:
