@@ -5,13 +5,14 @@ The host turns the block mask into compacted lists of kept causal blocks, so eve
 - ``kv_idx [B, H, NB, NB]`` / ``kv_cnt [B, H, NB]``: per query block, its kept key blocks, ascending (diagonal last).
 - ``q_idx`` / ``q_cnt``: per key block, the query blocks that keep it, ascending (diagonal first).
 
-Kernels, one program per ``(block, b * H + h)``:
+Kernels, one program per ``(block or part of one, b * H + h)``:
 
 1. ``_fwd_kernel``: online softmax in base 2 in fp32 over the kept key blocks of one query block; stores ``o`` and
    the logsumexp ``lse [B, H, T]`` (natural log, fp32).
-2. ``_bwd_dkdv_kernel``: per key block, ``dv = Σ p^T do`` and ``dk = scale Σ ds^T q`` over the query blocks that
-   keep it, with ``p = exp(s - lse)`` recomputed and ``ds = p ⊙ (do v^T - delta)``, ``delta = rowsum(o ⊙ do)``.
-3. ``_bwd_dq_kernel``: per query block, ``dq = scale Σ ds k`` over its kept key blocks.
+2. ``_bwd_dkdv_kernel``: per key block (a part of one by default, :data:`DKDV_LAUNCH`), ``dv = Σ p^T do`` and
+   ``dk = scale Σ ds^T q`` over the query blocks that keep it, with ``p = exp(s - lse)`` recomputed and
+   ``ds = p ⊙ (do v^T - delta)``, ``delta = rowsum(o ⊙ do)``.
+3. ``_bwd_dq_kernel``: per query block (or part), ``dq = scale Σ ds k`` over its kept key blocks.
 
 The causal mask is applied in the diagonal block only: kept off-diagonal blocks are fully visible, and only the
 diagonal block can hold keys past ``T``. The autograd pair is registered with ``torch.library``
