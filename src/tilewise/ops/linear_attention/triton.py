@@ -836,10 +836,14 @@ def _block(d: int, cap: int = 64) -> int:
 # ``fused_bwd`` (no gate, Dk, Dv <= 128, >= ``fused_min_programs`` programs): the gradients in three sweeps that
 # keep their state slices in registers (_fused_bwd_dq/dk/dv_kernel), no chunk state in memory. H100 (same shape,
 # no gate): fwd+bwd 0.877 ms with 4 warps (1.111 with 8) against 1.377 for the chunk-state kernels.
+# ``fwd_bv_gated``: the fused forward's V tile with a scalar gate, whose per-chunk decay work sits on the state's
+# serial chain: more, narrower programs hide it. H100, same shape, scalar gate, fwd: V tile 32 0.447 ms, 64 0.517
+# (the no-gate default), 128 0.70 (8 warps); without a gate 64 stays best (0.250 against 0.42 at 32).
 TUNING: dict[str, Any] = {
     "fused_fwd": True,
     "fused_min_programs": 64,
     "fwd_bv": 64,
+    "fwd_bv_gated": 32,
     "fwd_warps": 4,
     "fwd_stages": None,
     "bwd_bk": 128,
@@ -956,7 +960,7 @@ def linear_attention_fwd(
     o = torch.empty(batch, seq, heads, dv, dtype=q.dtype, device=q.device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         vector = g is not None and g.dim() == 4
-        fwd_bv = _block(dv, TUNING["fwd_bv"] if dk <= 128 else 32)
+        fwd_bv = _block(dv, TUNING["fwd_bv_gated" if g is not None else "fwd_bv"] if dk <= 128 else 32)
         programs = layout.n * heads * triton.cdiv(dv, fwd_bv)
         if not vector and TUNING["fused_fwd"] and programs >= TUNING["fused_min_programs"]:
             ht = torch.empty(layout.n, heads, dk, dv, dtype=torch.float32, device=q.device)
