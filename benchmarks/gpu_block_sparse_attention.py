@@ -159,18 +159,15 @@ def time_all(seq: int, block_size: int, heads: int = 16, dim: int = 128) -> None
 
 SWEEP = {
     "defaults": {},
+    "whole blocks w8 s3": {"fwd_bn": 128, "fwd_warps": 8, "fwd_stages": 3},
+    "whole blocks w4": {"fwd_bn": 128},
     "bm64": {"fwd_bm": 64},
-    "w4": {"fwd_warps": 4},
-    "bm64 w4": {"fwd_bm": 64, "fwd_warps": 4},
-    "s2": {"fwd_stages": 2},
+    "w8": {"fwd_warps": 8},
     "s3": {"fwd_stages": 3},
     "s4": {"fwd_stages": 4},
-    "bm64 w4 s3": {"fwd_bm": 64, "fwd_warps": 4, "fwd_stages": 3},
-    "bm32 w4": {"fwd_bm": 32, "fwd_warps": 4},
-    "bn64": {"fwd_bn": 64},
+    "bm32": {"fwd_bm": 32},
     "bn32": {"fwd_bn": 32},
-    "bn64 w4": {"fwd_bn": 64, "fwd_warps": 4},
-    "bm64 bn64 w4": {"fwd_bm": 64, "fwd_bn": 64, "fwd_warps": 4},
+    "bm64 w8": {"fwd_bm": 64, "fwd_warps": 8},
 }
 
 

@@ -197,7 +197,7 @@ def test_triton_eager_function_equals_custom_op(dtype, device, monkeypatch):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize(("bm", "bn"), [(32, None), (64, None), (None, 32), (None, 64), (64, 16)])
+@pytest.mark.parametrize(("bm", "bn"), [(32, None), (64, None), (None, 32), (None, 128), (64, 16), (64, 128)])
 def test_triton_forward_query_and_key_split(bm, bn, device, monkeypatch):
     """The forward with fewer query rows per program than the block (TUNING fwd_bm) and fewer keys a step (fwd_bn:
     parts of the diagonal block hide every key from some rows) gives the same o and grads. bf16: fp32 inputs run on
