@@ -9,10 +9,10 @@ Kernels, one program per ``(block or part of one, b * H + h)``:
 
 1. ``_fwd_kernel``: online softmax in base 2 in fp32 over the kept key blocks of one query block; stores ``o`` and
    the logsumexp ``lse [B, H, T]`` (natural log, fp32).
-2. ``_bwd_dkdv_kernel``: per key block (a part of one by default, :data:`DKDV_LAUNCH`), ``dv = Σ p^T do`` and
-   ``dk = scale Σ ds^T q`` over the query blocks that keep it, with ``p = exp(s - lse)`` recomputed and
-   ``ds = p ⊙ (do v^T - delta)``, ``delta = rowsum(o ⊙ do)``.
-3. ``_bwd_dq_kernel``: per query block (or part), ``dq = scale Σ ds k`` over its kept key blocks.
+2. ``_bwd_dq_kernel``: per query block (or part), ``dq = scale Σ ds k`` over its kept key blocks, with
+   ``p = exp(s - lse)`` recomputed and ``ds = p ⊙ (do v^T - delta)``; it also stores ``delta = rowsum(o ⊙ do)``.
+3. ``_bwd_dkdv_kernel`` (after it): per key block (a part of one by default, :data:`DKDV_LAUNCH`),
+   ``dv = Σ p^T do`` and ``dk = scale Σ ds^T q`` over the query blocks that keep it.
 
 The causal mask is applied in the diagonal block only: kept off-diagonal blocks are fully visible, and only the
 diagonal block can hold keys past ``T``. The autograd pair is registered with ``torch.library``
@@ -136,22 +136,6 @@ def _dkdv_step(q, do, lse, delta, base, bh_t, o_t, o_s, T, b_k, b_v, b_dk, b_dv,
 
 
 @triton.jit
-def _delta_kernel(o, do, delta, R, D: tl.constexpr, BR: tl.constexpr):
-    """``delta[r] = sum_d o[r, d] do[r, d]`` in fp32 for ``BR`` rows of ``o, do [R, D]`` (one pass over both; the
-    PyTorch form casts both to fp32 tensors first, ~4x the bytes)."""
-    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    o_x = o_r[:, None] * D + tl.arange(0, D)[None, :]
-    m = (o_r < R)[:, None]
-    b_o = tl.load(o + o_x, mask=m, other=0.0).to(tl.float32)
-    b_do = tl.load(do + o_x, mask=m, other=0.0).to(tl.float32)
-    tl.store(delta + o_r, tl.sum(b_o * b_do, axis=1), mask=o_r < R)
-
-
-# rows of delta a program
-DELTA_ROWS = 64
-
-
-@triton.jit
 def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, T, NB, scale, qk_scale, D: tl.constexpr,
                      BT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, DOT: tl.constexpr,
                      PREC: tl.constexpr):  # fmt: skip
@@ -199,11 +183,13 @@ def _dq_step(b_q, b_do, b_delta, k, v, lse, base, bh_t, o_s, o_t, T, b_dq, qk_sc
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, kv_idx, kv_cnt, T, NB, scale, qk_scale, D: tl.constexpr,
+def _bwd_dq_kernel(q, k, v, o, do, lse, delta, dq, kv_idx, kv_cnt, T, NB, scale, qk_scale, D: tl.constexpr,
                    BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
                    PREC: tl.constexpr):  # fmt: skip
     """``BM`` query rows (a part of query block ``i_t`` when ``BM < BT``) against the block's kept key blocks, ``BN``
-    keys a step (on the diagonal only the steps up to the part's last row)."""
+    keys a step (on the diagonal only the steps up to the part's last row). Runs before the dk/dv kernel: it takes
+    ``delta = rowsum(o ⊙ do)`` of its rows in fp32 (16-bit values are exact in fp32) while ``do`` is loaded, and
+    stores it for that kernel."""
     i_p, i_bh = tl.program_id(0), tl.program_id(1)
     i_t = i_p // (BT // BM)
     r_t = (i_p % (BT // BM)) * BM
@@ -213,7 +199,8 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, kv_idx, kv_cnt, T, NB, scale, qk
     o_t = i_t * BT + r_t + tl.arange(0, BM)
     b_q = _load_rows(q, base, o_t, T, D, DOT)
     b_do = _load_rows(do, base, o_t, T, D, DOT)
-    b_delta = tl.load(delta + bh_t + o_t, mask=o_t < T, other=0.0)
+    b_delta = tl.sum(_load_rows(o, base, o_t, T, D, tl.float32) * b_do.to(tl.float32), axis=1)
+    tl.store(delta + bh_t + o_t, b_delta, mask=o_t < T)
     b_dq = tl.zeros([BM, D], dtype=tl.float32)
     n = tl.load(kv_cnt + row)
     SUB: tl.constexpr = BT // BN
@@ -475,17 +462,16 @@ def block_sparse_attention_bwd(q, k, v, o, lse, do, kv_idx, kv_cnt, q_idx, q_cnt
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if not q.numel():
         return dq, dk, dv
+    # delta = rowsum(o * do), fp32: written by the dq kernel, read by the dk/dv kernel after it
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
-    rows = batch * heads * seq
-    _delta_kernel[(triton.cdiv(rows, DELTA_ROWS),)](o, do, delta, rows, D=q.shape[-1], BR=DELTA_ROWS)
     nb = kv_cnt.shape[-1]
     (bn1, bm1, o1, st1), (bm2, bn2, o2, st2) = _bwd_launch_args(q, block_size)
+    dq_args = (q, k, v, o, do, lse, delta, dq, kv_idx, kv_cnt, seq, nb, scale, scale * LOG2E)
+    grid2 = (nb * (block_size // bm2), batch * heads)
+    _launch_fitting(_bwd_dq_kernel, grid2, dq_args, o2 | {"BM": bm2, "BN": bn2}, st2)
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, q_idx, q_cnt, seq, nb, scale, scale * LOG2E)
     grid1 = (nb * (block_size // bn1), batch * heads)
     _launch_fitting(_bwd_dkdv_kernel, grid1, dkdv_args, o1 | {"BN": bn1, "BM": bm1}, st1)
-    dq_args = (q, k, v, do, lse, delta, dq, kv_idx, kv_cnt, seq, nb, scale, scale * LOG2E)
-    grid2 = (nb * (block_size // bm2), batch * heads)
-    _launch_fitting(_bwd_dq_kernel, grid2, dq_args, o2 | {"BM": bm2, "BN": bn2}, st2)
     return dq, dk, dv
 
 
