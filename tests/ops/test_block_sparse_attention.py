@@ -234,6 +234,17 @@ def test_triton_backward_parts_of_blocks(dkdv_bn, dkdv_bm, dq_bm, dq_bn, device,
 
 
 @pytest.mark.interpret
+def test_triton_attention_opcheck(device):
+    """The custom op that torch.compile traces (eager calls take the plain Function): schema, fake tensors and the
+    registered autograd hold."""
+    from tilewise.ops.block_sparse_attention.triton import _bsa_op, block_lists
+
+    q, k, v = qkv(1, 2, 70, 32, device=device)
+    lists = block_lists(random_mask(1, 2, 70, 32, p=0.5, device=device))
+    torch.library.opcheck(_bsa_op, (q, k, v, *lists, 32, 0.2))
+
+
+@pytest.mark.interpret
 def test_launch_falls_back_to_fewer_stages(monkeypatch):
     """A launch that does not fit shared memory is retried with 2, then 1 pipeline stage, and the depth that fitted
     is reused; when nothing fits the error goes to the caller."""
