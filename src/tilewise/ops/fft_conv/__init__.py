@@ -23,6 +23,8 @@ MAX_TRITON_N = 8192
 # N = 8192: 3.3x / 4.1x and 2.1x / 2.2x; N = 4096: 3.0x / 3.8x and 2.0x / 2.1x; N = 2048: 2.3x / 4.5x and
 # 1.3x / 1.3x; N = 1024: 1.8x / 0.86x and 0.90x / 0.86x. At N = 2048 with B=4 (tilewise bench mixers, per-call
 # timing that counts the host) forward + backward was 0.55x: the split path's ~10 launches a step dominate there.
+# Eager calls without the custom op (2026-11-23, B=4 H=768, do_bench) left N = 2048 forward + backward host-bound:
+# bf16 0.739 vs torch.fft's 0.929, fp32 0.983 vs 0.834 (~1.1 ms of host time a call, 0.34 ms of kernels).
 # So auto starts at L = 8192.
 AUTO_TRITON_MIN_N = 2049
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
