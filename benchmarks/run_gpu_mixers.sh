@@ -3,12 +3,13 @@
 #   OUT=$OUT bash benchmarks/run_gpu_mixers.sh
 # Each step has its own time cap and writes its log to $OUT/<step>.log; a failing or timed-out step does not stop
 # the rest. The whole run stays under TOTAL_S seconds (default 560, inside the device tool's 600 s per command).
-# Steps, most needed first (the open items of issue #5 after the third 2026-11-23 session):
+# Steps, most needed first:
 #   1. the GPU tests of fft_conv, linear attention and block-sparse attention;
 #   2. fft_conv timings at N = 4096, 8192 (with and without the skip term), then the two-pass launch sweep;
-#   3. tilewise bench mixers at T=2048 and T=8192 with fla carried, each alone with a long cap (with fla's
-#      autotuning and FlexAttention's compile they ran past 150 s each in the last session), to refresh the main
-#      table, whose block-sparse rows carry the doubled kernels fixed at a33f312.
+#   3. tilewise bench mixers at T=2048 and T=8192, each alone with a long cap (with fla carried, fla's autotuning
+#      and FlexAttention's compile took 150-300 s a process in the 2026-11-23 sessions; without .whl the fla rows
+#      say "missing" and a process takes ~60 s). At T=2048 the host-bound rows move up to 2x between processes:
+#      run it more than once before quoting it (BENCHMARKS.md's current table gives the range).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
