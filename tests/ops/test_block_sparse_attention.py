@@ -277,6 +277,10 @@ def test_launch_falls_back_to_fewer_stages(monkeypatch):
     for _ in range(2):
         mod._launch_fitting(FakeKernel("k3", {1, 2, 3}), (1,), (), {"BT": 64})
     assert calls == [3, 3]
+    # the caller's own depths (the forward and dk/dv kernels try 2, then 1)
+    calls.clear()
+    mod._launch_fitting(FakeKernel("k4", {1}), (1,), (), {"BT": 128}, (2, 1))
+    assert calls == [2, 1]
     with pytest.raises(OutOfResources):
         mod._launch_fitting(FakeKernel("k2", set()), (1,), (), {"BT": 128})
     # the shared helper refuses None as a configuration: it could not be told from "none fitted"
