@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
+import types
 
 import pytest
 import torch
@@ -256,7 +257,7 @@ def test_launch_falls_back_to_fewer_stages(monkeypatch):
 
     class FakeKernel:
         def __init__(self, name, fits):
-            self.fn = type("Fn", (), {"__name__": name})
+            self.fn = types.SimpleNamespace(__name__=name)  # a class's __name__ would be "Fn" whatever its dict says
             self.fits = fits
 
         def __getitem__(self, grid):
@@ -277,10 +278,13 @@ def test_launch_falls_back_to_fewer_stages(monkeypatch):
     for _ in range(2):
         mod._launch_fitting(FakeKernel("k3", {1, 2, 3}), (1,), (), {"BT": 64})
     assert calls == [3, 3]
-    # the caller's own depths (the forward and dk/dv kernels try 2, then 1)
+    # the caller's own depths (the forward and dk/dv kernels try 2, then 1); the record of what fitted is kept per
+    # sequence of depths (it is an index into it), so another sequence for the same kernel starts afresh
     calls.clear()
-    mod._launch_fitting(FakeKernel("k4", {1}), (1,), (), {"BT": 128}, (2, 1))
+    mod._launch_fitting(FakeKernel("k1", {1}), (1,), (), {"BT": 128}, (2, 1))
     assert calls == [2, 1]
+    mod._launch_fitting(FakeKernel("k1", {1, 2}), (1,), (), {"BT": 128}, (2,))
+    assert calls == [2, 1, 2]
     with pytest.raises(OutOfResources):
         mod._launch_fitting(FakeKernel("k2", set()), (1,), (), {"BT": 128})
     # the shared helper refuses None as a configuration: it could not be told from "none fitted"

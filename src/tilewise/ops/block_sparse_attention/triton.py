@@ -494,7 +494,8 @@ def _launch_fitting(kernel, grid, args, options: dict, tried: tuple[int, ...] = 
     if "num_stages" in options:
         kernel[grid](*args, **options)
         return
-    key = (kernel.fn.__name__, *sorted(options.items(), key=lambda kv: kv[0]))
+    # the record is an index into ``tried``, so the depths are part of the key
+    key = (kernel.fn.__name__, tried, *sorted(options.items(), key=lambda kv: kv[0]))
 
     def launch(stages: int) -> None:
         kernel[grid](*args, **options, num_stages=stages)
