@@ -246,6 +246,18 @@ def test_triton_attention_opcheck(device):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("key", ["fwd_bm", "fwd_bn", "dkdv_bn", "dkdv_bm", "dq_bm", "dq_bn"])
+def test_tuning_parts_must_be_powers_of_two(key, device, monkeypatch):
+    """A part that does not divide the block would leave rows out silently: refused, naming the key."""
+    mod = importlib.import_module("tilewise.ops.block_sparse_attention.triton")
+    q, k, v = qkv(1, 1, 64, 32, torch.bfloat16, device=device)
+    mask = random_mask(1, 1, 64, 64, p=1.0, device=device)
+    monkeypatch.setitem(mod.TUNING, key, 48)
+    with pytest.raises(ValueError, match=key):
+        forward_and_grads(q, k, v, mask, 64, "triton")
+
+
+@pytest.mark.interpret
 def test_launch_falls_back_to_fewer_stages(monkeypatch):
     """A launch that does not fit shared memory is retried with 2, then 1 pipeline stage, and the depth that fitted
     is reused; when nothing fits the error goes to the caller."""

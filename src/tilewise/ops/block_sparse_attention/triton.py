@@ -324,8 +324,11 @@ def _launch_args(q: torch.Tensor, block_size: int) -> dict:
     return {"D": q.shape[-1], "BT": block_size, "num_warps": warps, **dots}
 
 
-def _split(block_size: int, rows: int | None, low: int) -> int:
-    """Rows of a part of a block: ``rows`` (a power of two) clamped to ``[low, block_size]``; None: the block."""
+def _split(block_size: int, rows: int | None, low: int, name: str = "rows") -> int:
+    """Rows of a part of a block: ``rows`` clamped to ``[low, block_size]``; None: the block. A part must divide
+    the block (the kernels step through it in whole parts), so ``rows`` must be a power of two."""
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or rows & (rows - 1)):
+        raise ValueError(f"TUNING[{name!r}] must be None or a power of two (e.g. 64), got {rows!r}")
     return min(block_size, max(low, rows or block_size))
 
 
@@ -355,8 +358,8 @@ def _bwd_launch_args(
         if warps:
             opts["num_warps"] = warps
         stages = (TUNING[f"{kernel}_stages"],) if TUNING[f"{kernel}_stages"] else dflt["stages"]
-        rows = _split(block_size, TUNING[f"{kernel}_{first}"] or dflt[first], 32)
-        step = _split(block_size, TUNING[f"{kernel}_{second}"] or dflt[second], 32)
+        rows = _split(block_size, TUNING[f"{kernel}_{first}"] or dflt[first], 32, f"{kernel}_{first}")
+        step = _split(block_size, TUNING[f"{kernel}_{second}"] or dflt[second], 32, f"{kernel}_{second}")
         out.append((rows, step, opts, stages))
     return out[0], out[1]
 
@@ -371,8 +374,8 @@ FWD_LAUNCH = {"bn": 64, "warps": 4, "stages": (2, 1)}
 def _fwd_launch_args(q: torch.Tensor, block_size: int) -> tuple[int, dict, tuple[int, ...]]:
     """``(query rows per program, launch options, pipeline depths to try)`` of the forward kernel:
     :data:`FWD_LAUNCH`, overridden by ``TUNING``."""
-    bm = min(block_size, max(32, TUNING["fwd_bm"] or block_size))
-    bn = min(block_size, max(16, TUNING["fwd_bn"] or FWD_LAUNCH["bn"]))
+    bm = _split(block_size, TUNING["fwd_bm"], 32, "fwd_bm")
+    bn = _split(block_size, TUNING["fwd_bn"] or FWD_LAUNCH["bn"], 16, "fwd_bn")
     opts = _launch_args(q, block_size) | {"BM": bm, "BN": bn, "num_warps": TUNING["fwd_warps"] or FWD_LAUNCH["warps"]}
     stages = (TUNING["fwd_stages"],) if TUNING["fwd_stages"] else FWD_LAUNCH["stages"]
     return bm, opts, stages
