@@ -13,6 +13,7 @@ from tilewise.ops.block_sparse_attention.reference import (
     _keep_top_mass,
     block_mass_ref,
     block_sparse_attention_ref,
+    with_diagonal,
 )
 
 __all__ = ["HEAD_DIMS", "block_sparse_attention", "select_blocks"]
@@ -70,14 +71,6 @@ def _check_block_mask(block_mask: torch.Tensor, q: torch.Tensor, block_size: int
     return block_mask.expand(want)
 
 
-def _with_diagonal(block_mask: torch.Tensor) -> torch.Tensor:
-    """Every query sees at least itself: the diagonal blocks are attended whether the mask keeps them or not (an OR
-    on the device, where a check would cost a host sync per call). The Triton path's block lists add the diagonal
-    themselves, so only the reference takes this copy."""
-    nb = block_mask.shape[-1]
-    return block_mask | torch.eye(nb, dtype=torch.bool, device=block_mask.device)
-
-
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -126,7 +119,8 @@ def block_sparse_attention(
     block_mask = _check_block_mask(block_mask, q, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve_backend(backend, q, k, v) == "reference":
-        return block_sparse_attention_ref(q, k, v, _with_diagonal(block_mask), block_size, scale)
+        # the Triton path's block lists add the diagonal themselves; the reference takes this copy
+        return block_sparse_attention_ref(q, k, v, with_diagonal(block_mask), block_size, scale)
     from tilewise.ops.block_sparse_attention.triton import block_sparse_attention_triton
 
     return block_sparse_attention_triton(q, k, v, block_mask, block_size, scale)

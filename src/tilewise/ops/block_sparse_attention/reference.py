@@ -15,12 +15,26 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_mass_ref", "block_sparse_attention_ref", "causal_block_mask", "select_blocks_ref", "token_mask"]
+__all__ = [
+    "block_mass_ref",
+    "block_sparse_attention_ref",
+    "causal_block_mask",
+    "select_blocks_ref",
+    "token_mask",
+    "with_diagonal",
+]
 
 
 def causal_block_mask(n_blocks: int, device: torch.device | str | None = None) -> torch.Tensor:
     """bool ``[NB, NB]``: ``True`` on and below the diagonal (the blocks a causal query block can see)."""
     return torch.ones(n_blocks, n_blocks, dtype=torch.bool, device=device).tril()
+
+
+def with_diagonal(block_mask: torch.Tensor) -> torch.Tensor:
+    """``block_mask`` with its diagonal blocks kept: every query sees at least itself, whether the mask keeps its
+    block or not (an OR on the device, where a check would cost a host sync per call)."""
+    nb = block_mask.shape[-1]
+    return block_mask | torch.eye(nb, dtype=torch.bool, device=block_mask.device)
 
 
 def token_mask(block_mask: torch.Tensor, seq: int, block_size: int) -> torch.Tensor:

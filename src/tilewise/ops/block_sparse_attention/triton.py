@@ -35,6 +35,7 @@ import triton.language as tl
 
 from tilewise.ops._launch import dot_args as _dot_args
 from tilewise.ops._launch import first_that_fits
+from tilewise.ops.block_sparse_attention.reference import with_diagonal
 
 __all__ = [
     "block_lists",
@@ -653,9 +654,7 @@ def block_sparse_attention_triton(
     not: it is internal). fp32 runs on blocks of :data:`FP32_BLOCK` rows (:func:`refine_mask`)."""
     if q.dtype == torch.float32 and block_size > FP32_BLOCK:
         # the coarse diagonal first: the refined mask's own diagonal is only part of it
-        nb = block_mask.shape[-1]
-        block_mask = block_mask | torch.eye(nb, dtype=torch.bool, device=block_mask.device)
-        block_mask = refine_mask(block_mask, block_size // FP32_BLOCK, -(-q.shape[-2] // FP32_BLOCK))
+        block_mask = refine_mask(with_diagonal(block_mask), block_size // FP32_BLOCK, -(-q.shape[-2] // FP32_BLOCK))
         block_size = FP32_BLOCK
     lists = block_lists(block_mask)
     args = (q.contiguous(), k.contiguous(), v.contiguous(), *lists, int(block_size), float(scale))
