@@ -88,6 +88,10 @@ def _pass1_gl_kernel(
     N1: gl.constexpr, N2: gl.constexpr, BK: gl.constexpr, GP: gl.constexpr, CONJ: gl.constexpr,
     HAS_SKIP: gl.constexpr, EVEN: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
+    """``_conv_pass_kernel``'s pass 1 (same grid, same ``d`` and ``cscale``) for fp32 ``x``, except that ``f2`` is
+    ``G`` ``[3, N2, N2]`` with its rows in ``sigma`` order and ``tw`` the twiddles ``[2, N1, N2]`` with their
+    columns in ``sigma`` order (``setup`` builds both). ``EVEN``: every row is ``N = N1 N2 / 2`` long and every
+    slot holds a live pair, so no masks."""
     N1H: gl.constexpr = N1 // 2
     DSCALE: gl.constexpr = N2 * 4
     mma: gl.constexpr = gl.NVMMADistributedLayout(
