@@ -472,9 +472,8 @@ def _fused_bwd_dq_kernel(
     then ``h <- e^{G_last} h + (k ⊙ e^{G_last - G})^T v`` (no gate: ``G = 0``).
 
     With the scalar gate it also leaves this K block's parts of ``dg`` for :func:`_fused_bwd_dk_kernel`: ``q·dq``
-    per token (``dgq``), ``A_n = <W_n, h_n> = Σ_i q_i · (dq_i's state term)`` at each chunk's first token (``dga``;
-    ``W_n = scale (q ⊙ e^G)^T do`` is the chunk's term of ``dh_n``), and ``<dht, h_T>`` per ``(sequence, head)``
-    (``dge``, with ``dht``)."""
+    per token (``dgq``), ``A_n = <W_n, h_n>`` at each chunk's first token (``dga``; ``W_n = scale (q ⊙ e^G)^T do``
+    is the chunk's term of ``dh_n``), and ``<dht, h_T>`` per ``(sequence, head)`` (``dge``, with ``dht``)."""
     i_nh, i_k = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -494,7 +493,7 @@ def _fused_bwd_dq_kernel(
         b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
         b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
         p_k = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_ds = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         m_causal = o_t[:, None] >= o_t[None, :]
         b_dq = tl.dot(b_do, tl.trans(b_h.to(DOT)), input_precision=PREC)
@@ -502,18 +501,18 @@ def _fused_bwd_dq_kernel(
             b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
             # Mask before exp: G_i - G_j > 0 above the diagonal would overflow.
             b_ds = tl.where(m_causal, b_ds * tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
-            b_dq = b_dq * (tl.exp(b_gc) * scale)[:, None]
-            b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            # A_n = <W_n, h_n> = Σ_i q_i · (dq_i's state term)
-            tl.store(dga + (i_k.to(tl.int64) * T_all + bos + i_t * BT) * H + i_h, tl.sum(tl.sum(b_q * b_dq, 1), 0))
+            b_dq = b_dq * tl.exp(b_gc)[:, None]
         else:
             b_ds = tl.where(m_causal, b_ds, 0.0)
-            b_dq = b_dq * scale
-        b_dq += tl.dot((b_ds * scale).to(DOT), b_k.to(DOT), input_precision=PREC)
+        b_dq = b_dq * scale + tl.dot((b_ds * scale).to(DOT), b_k.to(DOT), input_precision=PREC)
         tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
         if USE_G:
-            tl.store(dgq + (i_k.to(tl.int64) * T_all + bos + o_t) * H + i_h, tl.sum(b_q * b_dq, 1), mask=m_t)
-            b_kg = (b_k.to(tl.float32) * tl.exp(b_glast - b_gc)[:, None]).to(DOT)
+            b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            p_g = (i_k.to(tl.int64) * T_all + bos + o_t) * H + i_h
+            tl.store(dgq + p_g, tl.sum(b_q * b_dq, 1), mask=m_t)
+            b_w = tl.dot(tl.trans((b_q * (tl.exp(b_gc) * scale)[:, None]).to(DOT)), b_do, input_precision=PREC)
+            tl.store(dga + (i_k.to(tl.int64) * T_all + bos + i_t * BT) * H + i_h, tl.sum(tl.sum(b_w * b_h, 1), 0))
+            b_kg = (b_k * tl.exp(b_glast - b_gc)[:, None]).to(DOT)
             b_h = b_h * tl.exp(b_glast) + tl.dot(tl.trans(b_kg), b_v, input_precision=PREC)
         else:
             b_h += tl.dot(tl.trans(b_k.to(DOT)), b_v, input_precision=PREC)
@@ -561,8 +560,7 @@ def _fused_bwd_dk_kernel(
     With the scalar gate, this K block's ``dg`` (README, Gate): ``dg_t = E_n + Σ_{s>=t in the chunk}
     (q_s·dq_s - k_s·dk_s)`` with ``E_n = <dh_{n+1}, h_{n+1}>``, carried from ``<dht, h_T>`` (0 without ``dht``)
     back over the chunks by ``E_{n-1} = E_n + A_n - B_n``: ``A_n = <W_n, h_n>`` from the dq sweep and
-    ``B_n = <dh_{n+1}, U_n> = Σ_j k_j · (dk_j's state term)``, ``U_n = (k ⊙ e^{G_last - G})^T v`` the chunk's term
-    of ``h_{n+1}``."""
+    ``B_n = <dh_{n+1}, U_n>``, ``U_n = (k ⊙ e^{G_last - G})^T v`` the chunk's term of ``h_{n+1}``."""
     i_nh, i_k = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -594,14 +592,14 @@ def _fused_bwd_dk_kernel(
             b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
             b_ds = tl.where(m_causal, b_ds * tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
             b_dk = b_dk * tl.exp(b_glast - b_gc)[:, None]
-            b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            # B_n = <dh_{n+1}, U_n> = Σ_j k_j · (dk_j's state term)
-            b_b = tl.sum(tl.sum(b_k * b_dk, 1), 0)
         else:
             b_ds = tl.where(m_causal, b_ds, 0.0)
         b_dk += tl.dot(tl.trans((b_ds * scale).to(DOT)), b_q.to(DOT), input_precision=PREC)
         tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
         if USE_G:
+            b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_u = tl.dot(tl.trans((b_k * tl.exp(b_glast - b_gc)[:, None]).to(DOT)), b_v, input_precision=PREC)
+            b_b = tl.sum(tl.sum(b_u * b_dh, 1), 0)
             p_g = (i_k.to(tl.int64) * T_all + bos + o_t) * H + i_h
             b_dgq = tl.load(dgq + p_g, mask=m_t, other=0.0)
             # masked rows: q, k and dgq are 0 there
@@ -660,7 +658,7 @@ def _fused_bwd_dv_kernel(
         o_t = (NT - 1 - i) * BT + tl.arange(0, BT)
         m_t = o_t < T
         p_k = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
@@ -670,7 +668,7 @@ def _fused_bwd_dv_kernel(
         if USE_G:
             b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
             b_At = tl.where(m_causal, b_At * tl.exp(tl.where(m_causal, b_gc[None, :] - b_gc[:, None], 0.0)), 0.0)
-            b_k = b_k.to(tl.float32) * tl.exp(b_glast - b_gc)[:, None]
+            b_k = b_k * tl.exp(b_glast - b_gc)[:, None]
             b_q = b_q * tl.exp(b_gc)[:, None]
         else:
             b_At = tl.where(m_causal, b_At, 0.0)
