@@ -439,20 +439,13 @@ def _chunk_bwd_dv_kernel(
 
 @triton.jit
 def _fused_bwd_dq_kernel(
-    q,
     k,
     v,
     do,
-    g,
     h_in,
-    dht,
     dq,
-    dgq,
-    dga,
-    dge,
     cu_seqlens,
     T,
-    T_all,
     scale,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -460,20 +453,14 @@ def _fused_bwd_dq_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     VP: tl.constexpr,
-    USE_G: tl.constexpr,
     USE_H_IN: tl.constexpr,
-    USE_DHT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``dq [BT, BK]`` of every chunk of one ``(sequence, head, K block)`` in one forward sweep, the state rows
-    ``h_n [BK, V]`` kept in fp32 registers: ``dq = scale (e^G ⊙ do h_n^T + (mask(do v^T) ⊙ e^{G_i - G_j}) k)``,
-    then ``h <- e^{G_last} h + (k ⊙ e^{G_last - G})^T v`` (no gate: ``G = 0``).
-
-    With the scalar gate it also leaves this K block's parts of ``dg`` for :func:`_fused_bwd_dk_kernel`: ``q·dq``
-    per token (``dgq``), ``A_n = <W_n, h_n>`` at each chunk's first token (``dga``; ``W_n = scale (q ⊙ e^G)^T do``
-    is the chunk's term of ``dh_n``), and ``<dht, h_T>`` per ``(sequence, head)`` (``dge``, with ``dht``)."""
+    """No gate: ``dq [BT, BK]`` of every chunk of one ``(sequence, head, K block)`` in one forward sweep, the state
+    rows ``h_n [BK, V]`` kept in fp32 registers: ``dq = scale (do h_n^T + mask(do v^T) k)``, then
+    ``h <- h + k^T v``."""
     i_nh, i_k = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -481,11 +468,13 @@ def _fused_bwd_dq_kernel(
     m_k = o_k < K
     o_v = tl.arange(0, VP)
     m_v = o_v < V
-    o_kv = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-    m_kv = m_k[:, None] & m_v[None, :]
     b_h = tl.zeros([BK, VP], dtype=tl.float32)
     if USE_H_IN:
-        b_h += tl.load(h_in + o_kv, mask=m_kv, other=0.0)
+        b_h += tl.load(
+            h_in + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+            mask=m_k[:, None] & m_v[None, :],
+            other=0.0,
+        )
     for i_t in range(0, tl.cdiv(T, BT)):
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
@@ -493,51 +482,25 @@ def _fused_bwd_dq_kernel(
         b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
         b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
         p_k = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(DOT)
         b_ds = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        m_causal = o_t[:, None] >= o_t[None, :]
+        b_ds = tl.where(o_t[:, None] >= o_t[None, :], b_ds, 0.0)
         b_dq = tl.dot(b_do, tl.trans(b_h.to(DOT)), input_precision=PREC)
-        if USE_G:
-            b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
-            # Mask before exp: G_i - G_j > 0 above the diagonal would overflow.
-            b_ds = tl.where(m_causal, b_ds * tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
-            b_dq = b_dq * tl.exp(b_gc)[:, None]
-        else:
-            b_ds = tl.where(m_causal, b_ds, 0.0)
-        b_dq = b_dq * scale + tl.dot((b_ds * scale).to(DOT), b_k.to(DOT), input_precision=PREC)
+        b_dq = b_dq * scale + tl.dot((b_ds * scale).to(DOT), b_k, input_precision=PREC)
         tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-        if USE_G:
-            b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            p_g = (i_k.to(tl.int64) * T_all + bos + o_t) * H + i_h
-            tl.store(dgq + p_g, tl.sum(b_q * b_dq, 1), mask=m_t)
-            b_w = tl.dot(tl.trans((b_q * (tl.exp(b_gc) * scale)[:, None]).to(DOT)), b_do, input_precision=PREC)
-            tl.store(dga + (i_k.to(tl.int64) * T_all + bos + i_t * BT) * H + i_h, tl.sum(tl.sum(b_w * b_h, 1), 0))
-            b_kg = (b_k * tl.exp(b_glast - b_gc)[:, None]).to(DOT)
-            b_h = b_h * tl.exp(b_glast) + tl.dot(tl.trans(b_kg), b_v, input_precision=PREC)
-        else:
-            b_h += tl.dot(tl.trans(b_k.to(DOT)), b_v, input_precision=PREC)
-    if USE_G and USE_DHT:
-        b_dht = tl.load(dht + o_kv, mask=m_kv, other=0.0)
-        tl.store(dge + i_k.to(tl.int64) * tl.num_programs(0) + i_nh, tl.sum(tl.sum(b_dht * b_h, 1), 0))
+        b_h += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
 
 
 @triton.jit
 def _fused_bwd_dk_kernel(
     q,
-    k,
     v,
     do,
-    g,
     dht,
     dk,
     dh0,
-    dgq,
-    dga,
-    dge,
-    dgk,
     cu_seqlens,
     T,
-    T_all,
     scale,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -545,22 +508,15 @@ def _fused_bwd_dk_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     VP: tl.constexpr,
-    USE_G: tl.constexpr,
     USE_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``dk [BT, BK]`` of every chunk of one ``(sequence, head, K block)``, chunks last to first, the state
-    gradient rows ``dh [BK, V]`` in fp32 registers: ``dk = e^{G_last - G} ⊙ v dh_{n+1}^T + scale (mask(do v^T) ⊙
-    e^{G_i - G_j})^T q``, then ``dh <- e^{G_last} dh + scale (q ⊙ e^G)^T do``; the last ``dh`` is
-    ``d initial_state``.
-
-    With the scalar gate, this K block's ``dg`` (README, Gate): ``dg_t = E_n + Σ_{s>=t in the chunk}
-    (q_s·dq_s - k_s·dk_s)`` with ``E_n = <dh_{n+1}, h_{n+1}>``, carried from ``<dht, h_T>`` (0 without ``dht``)
-    back over the chunks by ``E_{n-1} = E_n + A_n - B_n``: ``A_n = <W_n, h_n>`` from the dq sweep and
-    ``B_n = <dh_{n+1}, U_n>``, ``U_n = (k ⊙ e^{G_last - G})^T v`` the chunk's term of ``h_{n+1}``."""
+    """No gate: ``dk [BT, BK]`` of every chunk of one ``(sequence, head, K block)``, chunks last to first, the state
+    gradient rows ``dh [BK, V]`` in fp32 registers: ``dk = v dh_{n+1}^T + scale mask(do v^T)^T q``, then
+    ``dh <- dh + scale q^T do``; the last ``dh`` is ``d initial_state``."""
     i_nh, i_k = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -572,13 +528,9 @@ def _fused_bwd_dk_kernel(
     b_dh = tl.zeros([BK, VP], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + o_kv, mask=m_k[:, None] & m_v[None, :], other=0.0)
-    b_e = tl.zeros([], dtype=tl.float32)
-    if USE_G and USE_DHT:
-        b_e += tl.load(dge + i_k.to(tl.int64) * tl.num_programs(0) + i_nh)
     NT = tl.cdiv(T, BT)
     for i in range(0, NT):
-        i_t = NT - 1 - i
-        o_t = i_t * BT + tl.arange(0, BT)
+        o_t = (NT - 1 - i) * BT + tl.arange(0, BT)
         m_t = o_t < T
         p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
@@ -586,29 +538,11 @@ def _fused_bwd_dk_kernel(
         p_k = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_ds = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        m_causal = o_t[:, None] >= o_t[None, :]
+        b_ds = tl.where(o_t[:, None] >= o_t[None, :], b_ds, 0.0)
         b_dk = tl.dot(b_v, tl.trans(b_dh.to(DOT)), input_precision=PREC)
-        if USE_G:
-            b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
-            b_ds = tl.where(m_causal, b_ds * tl.exp(tl.where(m_causal, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
-            b_dk = b_dk * tl.exp(b_glast - b_gc)[:, None]
-        else:
-            b_ds = tl.where(m_causal, b_ds, 0.0)
         b_dk += tl.dot(tl.trans((b_ds * scale).to(DOT)), b_q.to(DOT), input_precision=PREC)
         tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-        if USE_G:
-            b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-            b_u = tl.dot(tl.trans((b_k * tl.exp(b_glast - b_gc)[:, None]).to(DOT)), b_v, input_precision=PREC)
-            b_b = tl.sum(tl.sum(b_u * b_dh, 1), 0)
-            p_g = (i_k.to(tl.int64) * T_all + bos + o_t) * H + i_h
-            b_dgq = tl.load(dgq + p_g, mask=m_t, other=0.0)
-            # masked rows: q, k and dgq are 0 there
-            tl.store(dgk + p_g, b_e + tl.cumsum(b_dgq - tl.sum(b_k * b_dk, 1), 0, reverse=True), mask=m_t)
-            b_e += tl.load(dga + (i_k.to(tl.int64) * T_all + bos + i_t * BT) * H + i_h) - b_b
-            b_qg = (b_q * (tl.exp(b_gc) * scale)[:, None]).to(DOT)
-            b_dh = b_dh * tl.exp(b_glast) + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
-        else:
-            b_dh += tl.dot(tl.trans((b_q * scale).to(DOT)), b_do, input_precision=PREC)
+        b_dh += tl.dot(tl.trans((b_q * scale).to(DOT)), b_do, input_precision=PREC)
     if STORE_DH0:
         tl.store(dh0 + o_kv, b_dh, mask=m_k[:, None] & m_v[None, :])
 
@@ -618,7 +552,6 @@ def _fused_bwd_dv_kernel(
     q,
     k,
     do,
-    g,
     dht,
     dv,
     cu_seqlens,
@@ -630,15 +563,14 @@ def _fused_bwd_dv_kernel(
     BT: tl.constexpr,
     KP: tl.constexpr,
     BV: tl.constexpr,
-    USE_G: tl.constexpr,
     USE_DHT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``dv [BT, BV]`` of every chunk of one ``(sequence, head, V block)``, chunks last to first, the state
-    gradient columns ``dh [K, BV]`` in fp32 registers: ``dv = (k ⊙ e^{G_last - G}) dh_{n+1} + scale (mask(q k^T) ⊙
-    e^{G_i - G_j})^T do``, then ``dh <- e^{G_last} dh + scale (q ⊙ e^G)^T do`` (no gate: ``G = 0``)."""
+    """No gate: ``dv [BT, BV]`` of every chunk of one ``(sequence, head, V block)``, chunks last to first, the state
+    gradient columns ``dh [K, BV]`` in fp32 registers: ``dv = k dh_{n+1} + scale mask(q k^T)^T do``, then
+    ``dh <- dh + scale q^T do``."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T = _seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -658,25 +590,16 @@ def _fused_bwd_dv_kernel(
         o_t = (NT - 1 - i) * BT + tl.arange(0, BT)
         m_t = o_t < T
         p_k = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(DOT)
         b_q = tl.load(q + p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(DOT)
         # A^T [BT (key j), BT (query i)], kept where j <= i.
-        b_At = tl.dot(b_k.to(DOT), tl.trans(b_q.to(DOT)), input_precision=PREC)
-        m_causal = o_t[:, None] <= o_t[None, :]
-        if USE_G:
-            b_gc, b_glast = _load_gate(g, bos, o_t, m_t, i_h, H)
-            b_At = tl.where(m_causal, b_At * tl.exp(tl.where(m_causal, b_gc[None, :] - b_gc[:, None], 0.0)), 0.0)
-            b_k = b_k * tl.exp(b_glast - b_gc)[:, None]
-            b_q = b_q * tl.exp(b_gc)[:, None]
-        else:
-            b_At = tl.where(m_causal, b_At, 0.0)
-        b_dv = tl.dot(b_k.to(DOT), b_dh.to(DOT), input_precision=PREC)
+        b_At = tl.dot(b_k, tl.trans(b_q.to(DOT)), input_precision=PREC)
+        b_At = tl.where(o_t[:, None] <= o_t[None, :], b_At, 0.0)
+        b_dv = tl.dot(b_k, b_dh.to(DOT), input_precision=PREC)
         b_dv += tl.dot((b_At * scale).to(DOT), b_do, input_precision=PREC)
         tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        if USE_G:
-            b_dh = b_dh * tl.exp(b_glast)
         b_dh += tl.dot(tl.trans((b_q * scale).to(DOT)), b_do, input_precision=PREC)
 
 
@@ -1096,34 +1019,24 @@ def linear_attention_bwd(
     common |= {"IS_VARLEN": layout.varlen, "num_warps": 4, **_dot_args(q.dtype, q.device)}
     chunk_args = (layout.cu_seqlens, layout.chunk_indices, seq)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        fused = not vec and TUNING["fused_bwd"] and dk <= 128 and dv <= 128
+        fused = g is None and TUNING["fused_bwd"] and dk <= 128 and dv <= 128
         if fused and layout.n * heads * nk >= TUNING["fused_min_programs"]:
             dh0 = None if h0 is None else torch.empty_like(h0)
             sweep = {"H": heads, "K": dk, "V": dv, "BT": BT, "IS_VARLEN": layout.varlen, **_dot_args(q.dtype, q.device)}
-            sweep |= {"num_warps": TUNING["fused_bwd_warps"], "USE_G": g is not None, "USE_DHT": dht is not None}
+            sweep["num_warps"] = TUNING["fused_bwd_warps"]
             vp, kp = max(32, triton.next_power_of_2(dv)), max(32, triton.next_power_of_2(dk))
             grid_k, grid_v = (layout.n * heads, nk), (layout.n * heads, triton.cdiv(dv, bv))
-            # the scalar gate's dg parts (per K block): q·dq per token, A_n at each chunk's first token, <dht, h_T>
-            dgq = dga = dgs = dge = None
-            if g is not None:
-                dgq, dga, dgs = (
-                    torch.empty(nk, batch * seq, heads, dtype=torch.float32, device=q.device) for _ in range(3)
-                )
-                dge = (
-                    torch.empty(nk, layout.n * heads, dtype=torch.float32, device=q.device) if dht is not None else None
-                )
             _fused_bwd_dq_kernel[grid_k](
-                qf, kf, vf, dof, gf, h0, dht, dq, dgq, dga, dge, layout.cu_seqlens, seq, batch * seq, scale, BK=bk,
-                VP=vp, USE_H_IN=h0 is not None, **sweep,
-            )  # fmt: skip
+                kf, vf, dof, h0, dq, layout.cu_seqlens, seq, scale, BK=bk, VP=vp, USE_H_IN=h0 is not None, **sweep
+            )
             _fused_bwd_dk_kernel[grid_k](
-                qf, kf, vf, dof, gf, dht, dk_, dh0, dgq, dga, dge, dgs, layout.cu_seqlens, seq, batch * seq, scale,
-                BK=bk, VP=vp, STORE_DH0=dh0 is not None, **sweep,
+                qf, vf, dof, dht, dk_, dh0, layout.cu_seqlens, seq, scale, BK=bk, VP=vp, USE_DHT=dht is not None,
+                STORE_DH0=dh0 is not None, **sweep,
             )  # fmt: skip
             _fused_bwd_dv_kernel[grid_v](
-                qf, kf, dof, gf, dht, dv_, layout.cu_seqlens, seq, scale, KP=kp, BV=bv, **sweep
+                qf, kf, dof, dht, dv_, layout.cu_seqlens, seq, scale, KP=kp, BV=bv, USE_DHT=dht is not None, **sweep
             )
-            return dq, dk_, dv_, None if dgs is None else dgs.sum(0).view(g.shape), dh0
+            return dq, dk_, dv_, None, dh0
         hs, _ = _states(kf, vf, gf, h0, layout, 1.0, reverse=False, store_out=False)
         dhs, dh0 = _states(qf, dof, gf, dht, layout, scale, reverse=True, store_out=h0 is not None)
         if vec:
