@@ -128,9 +128,7 @@ def _pass1_gl_kernel(
     git = gi_s.permute((1, 0))
     gnt = gn_s.permute((1, 0))
     # twiddles and the kernel's spectrum (float16) for this block of rows k1
-    r_h = i_k * BK + gl.arange(0, BK, layout=gl.SliceLayout(1, hl))
-    c_h = gl.arange(0, N2, layout=gl.SliceLayout(0, hl))
-    o_h = r_h[:, None] * N2 + c_h[None, :]
+    o_h = r_f1[:, None] * N2 + c_g[None, :]
     tr_s = gl.allocate_shared_memory(gl.float16, [BK, N2], m_sl, gl.load(tw + o_h).to(gl.float16))
     ti_s = gl.allocate_shared_memory(gl.float16, [BK, N2], m_sl, gl.load(tw + N1 * N2 + o_h).to(gl.float16))
     bnd = gl.load(kbound + i_h)
