@@ -79,7 +79,9 @@ def fft_conv(
             ``"triton"`` (CUDA, ``N <= MAX_TRITON_N``) or ``"reference"``. The Triton path computes the transforms
             with float16 products (~5e-4 relative error for fp32 I/O, README.md); on an H100 at
             ``B=8 H=768 N=8192`` it is 3.3x (fp32) / 4.1x (bf16) torch.fft's speed forward, 2.1-2.2x forward +
-            backward (BENCHMARKS.md). ``TILEWISE_BACKEND=reference`` keeps ``"auto"`` on torch.fft.
+            backward (BENCHMARKS.md). ``TILEWISE_BACKEND=reference`` keeps ``"auto"`` on torch.fft. ``"auto"``
+            assumes an eager call, where short rows wait on the host; in a CUDA graph pass ``"triton"``, which is
+            faster from ``N = 512`` there (README.md).
 
     Returns:
         ``[B, H, N]`` tensor of ``u``'s dtype.
