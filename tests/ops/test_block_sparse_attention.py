@@ -462,6 +462,17 @@ def test_triton_block_mass_matches_reference(seq, dim, block_size, stride, tiles
     assert_exact(got.masked_select(above), torch.zeros(int(above.sum()) * 4, device=device))
 
 
+@pytest.mark.interpret
+@pytest.mark.usefixtures("poisoned")
+def test_triton_block_mass_in_chunks_of_slices(device, monkeypatch):
+    # a scratch budget under one (b, h) slice's: the 6 slices run one a launch, each writing its own rows of mass
+    tt = importlib.import_module("tilewise.ops.block_sparse_attention.triton")
+    monkeypatch.setattr(tt, "MASS_SCRATCH_BYTES", 1)
+    q, k = mass_inputs(2, 3, 100, 32, torch.float32, device, contiguous=False)
+    got = block_mass_triton(q, k, 32, 4, 0.3)
+    assert_rel_rms(got, block_mass_ref(q, k, 32, 4, 0.3), MASS_REL, floor=1e-7)
+
+
 def banded_qk(batch, heads, seq, dim, block_size, device):
     """Query block ``i`` attends to key blocks ``i, i-1, i-2`` with logits 8, 7.5 and 6.5 (0 elsewhere) under the
     default scale, plus a little noise. Blocks ``i, i-1, i-2`` then hold ~37%, ~45% and ~17% of a row's mass (the

@@ -161,6 +161,42 @@ def select_blocks(
         TypeError: an argument has the wrong type.
         ValueError: a shape, dtype, device or value does not fit (the message names the argument).
         RuntimeError: ``backend="triton"`` cannot run here.
+
+    Example:
+        Every query below is drawn to the keys of block 1, so beside the always-kept diagonal and block 0 that is
+        the only block selected; attending over it alone nearly matches dense causal attention:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from tilewise.ops import block_sparse_attention, select_blocks
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, k, v = (torch.randn(1, 2, 512, 32, generator=g) for _ in range(3))
+        >>> q[..., 0] += 8.0
+        >>> k[:, :, 64:128, 0] += 8.0
+        >>> mask = select_blocks(q, k, block_size=64, threshold=0.9)
+        >>> mask.shape, mask.dtype  # NB = 512 / 64 = 8 blocks a side
+        (torch.Size([1, 2, 8, 8]), torch.bool)
+        >>> mask[0, 0].int()
+        tensor([[1, 0, 0, 0, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0, 0, 0, 0],
+                [1, 1, 1, 0, 0, 0, 0, 0],
+                [1, 1, 0, 1, 0, 0, 0, 0],
+                [1, 1, 0, 0, 1, 0, 0, 0],
+                [1, 1, 0, 0, 0, 1, 0, 0],
+                [1, 1, 0, 0, 0, 0, 1, 0],
+                [1, 1, 0, 0, 0, 0, 0, 1]], dtype=torch.int32)
+        >>> o = block_sparse_attention(q, k, v, mask, block_size=64)
+        >>> dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        >>> torch.allclose(o, dense, atol=1e-2)
+        True
+
+        ``threshold=1.0`` keeps every causal block, so the result is ordinary causal attention:
+
+        >>> full = select_blocks(q, k, block_size=64, threshold=1.0)
+        >>> torch.equal(full[0, 0], torch.ones(8, 8, dtype=torch.bool).tril())
+        True
+        >>> torch.allclose(block_sparse_attention(q, k, v, full, block_size=64), dense, atol=1e-5)
+        True
     """
     _check_qkv(q, k, None)
     block_size = _check_block_size(block_size)

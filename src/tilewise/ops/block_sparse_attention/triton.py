@@ -18,10 +18,13 @@ The causal mask is applied in the diagonal block only: kept off-diagonal blocks 
 diagonal block can hold keys past ``T``. The autograd pair is registered with ``torch.library``
 (``tilewise::block_sparse_attention`` and its ``_bwd``).
 
-The selector's block mass (``select_blocks``) has its own kernel, ``_block_mass_kernel``, one program per
-``(tile of BM strided query rows, b * H + h)``: the antidiagonal logits of a ``[BM, BN]`` tile are ``S`` dots of
-``[BM, D]`` query rows by ``[BN, D]`` key rows, recomputed in two passes over the causal key tiles (row max and sum
-of exp, then the probabilities pooled per block pair), so the ``[T/S, T/S]`` logits are never stored. Registered as
+The selector's block mass (``select_blocks``) has two kernels of its own. ``_mass_tile_kernel``, one program per
+``(tile of BM strided query rows, tile of BN key columns, b * H + h)`` on or below the diagonal, computes the tile's
+antidiagonal logits (``S`` dots of ``[BM, D]`` query rows by ``[BN, D]`` key rows) once and keeps only each row's
+max over the tile and its ``exp2(s - max)`` summed per group of key columns. ``_mass_finish_kernel``, one program
+per row tile, combines the tiles' maxima and sums into each row's softmax (as flash attention does) and pools the
+rescaled group sums per block pair. The ``[T/S, T/S]`` logits are never stored: the scratch is ``1 / GN`` of them in
+fp32 (``GN`` strided columns a block), bounded by running the ``(b, h)`` slices in chunks. Registered as
 ``tilewise::select_blocks_mass``.
 """
 
@@ -242,51 +245,80 @@ def _antidiagonal_tile(q, k, q_base, k_base, o_i, o_j, T, sq_t, sq_d, sk_t, sk_d
 
 
 @triton.jit
-def _block_mass_kernel(q, k, mass, T, H, NR, NC, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, qk_scale,
-                       D: tl.constexpr, S: tl.constexpr, PER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       GM: tl.constexpr, GN: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr,
-                       PREC: tl.constexpr):  # fmt: skip
-    """One ``[BM]`` tile of strided query rows: pass 1, the online row max and sum of ``exp2`` over the causal key
-    tiles; pass 2, the probabilities recomputed and summed into ``[BM / GM, BN / GN]`` tiles of ``mass`` (groups of
-    ``GM`` rows and ``GN`` columns; ``GM = GN = PER`` strided rows a block unless a block spans several tiles), each
-    row weighted by ``1 / (real rows of its block)``, padding rows by 0. Key tiles above the diagonal store zeros."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+def _mass_tile_kernel(q, k, part, stats, T, NRT, NT, BH0, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
+                      qk_scale, H, D: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      GN: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Block mass, step 1: one program per ``(row tile, key tile, b * H + h - BH0)``. The ``[BM, BN]`` tile's
+    antidiagonal logits ``s`` give each row its max ``m`` over the tile and ``exp2(s - m)`` summed per group of ``GN``
+    columns (``part [.., BM, BN / GN]``) and over the tile (``stats [.., 1, BM]``; ``stats [.., 0, BM]`` is ``m``).
+    Tiles with no visible column for any real row of the row tile do nothing (:func:`_mass_finish_kernel` reads only
+    the others)."""
+    i_m, i_n, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_real = tl.cdiv(T, S)
+    n_tiles = tl.where(i_m * BM < n_real, tl.cdiv(tl.minimum(i_m * BM + BM, n_real), BN), 0)
+    if i_n >= n_tiles:
+        return
+    i_bh = BH0 + i_c
     i_b, i_h = i_bh // H, i_bh % H
     q_base = i_b.to(tl.int64) * sq_b + i_h.to(tl.int64) * sq_h
     k_base = i_b.to(tl.int64) * sk_b + i_h.to(tl.int64) * sk_h
-    # Strided rows (and columns) holding a real token; the rest of the NB * PER are padding.
-    n_real = tl.cdiv(T, S)
     o_i = i_m * BM + tl.arange(0, BM)
-    # Key tiles with a visible column for some row of this tile (column 0 is visible to every row, so each row's
-    # max is finite after the first tile); none when every row is padding.
+    o_j = i_n * BN + tl.arange(0, BN)
+    b_s = _antidiagonal_tile(q, k, q_base, k_base, o_i, o_j, T, sq_t, sq_d, sk_t, sk_d, qk_scale, D, S, BM, BN, BD,
+                             DOT, PREC)  # fmt: skip
+    b_m = tl.max(b_s, 1)
+    # a row whose columns in this tile all lie above the diagonal: max -inf, every exp2 0
+    b_p = tl.exp2(b_s - tl.where(b_m == float("-inf"), 0.0, b_m)[:, None])
+    b_part = tl.sum(tl.reshape(b_p, [BM, BN // GN, GN]), 2)
+    i_t = (i_c.to(tl.int64) * NRT + i_m) * NT + i_n
+    o_r = tl.arange(0, BM)
+    o_g = tl.arange(0, BN // GN)
+    tl.store(part + i_t * (BM * (BN // GN)) + o_r[:, None] * (BN // GN) + o_g[None, :], b_part)
+    tl.store(stats + i_t * (2 * BM) + o_r, b_m)
+    tl.store(stats + i_t * (2 * BM) + BM + o_r, tl.sum(b_part, 1))
+
+
+@triton.jit
+def _mass_finish_kernel(part, stats, mass, T, NR, NC, NRT, NT, BH0, S: tl.constexpr, PER: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, GM: tl.constexpr, GN: tl.constexpr):  # fmt: skip
+    """Block mass, step 2: one program per ``(row tile, b * H + h - BH0)``. Each row's softmax max and sum come
+    from its tiles' ``(m, sum)`` (online, as in flash attention); then each tile's group sums are rescaled by
+    ``exp2(m_tile - m) / (sum * real rows of the block)`` and pooled over ``GM`` rows into ``mass``. Key tiles above
+    the diagonal store zeros."""
+    i_m, i_c = tl.program_id(0), tl.program_id(1)
+    n_real = tl.cdiv(T, S)
     n_tiles = tl.where(i_m * BM < n_real, tl.cdiv(tl.minimum(i_m * BM + BM, n_real), BN), 0)
+    o_i = i_m * BM + tl.arange(0, BM)
+    o_r = tl.arange(0, BM)
+    p_t = (i_c.to(tl.int64) * NRT + i_m) * NT
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     for i_n in range(0, n_tiles):
-        o_j = i_n * BN + tl.arange(0, BN)
-        b_s = _antidiagonal_tile(q, k, q_base, k_base, o_i, o_j, T, sq_t, sq_d, sk_t, sk_d, qk_scale, D, S,
-                                 BM, BN, BD, DOT, PREC)  # fmt: skip
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_l = b_l * tl.exp2(b_m - b_m_new) + tl.sum(tl.exp2(b_s - b_m_new[:, None]), 1)
-        b_m = b_m_new
+        b_mt = tl.load(stats + (p_t + i_n) * (2 * BM) + o_r)
+        b_lt = tl.load(stats + (p_t + i_n) * (2 * BM) + BM + o_r)
+        b_new = tl.maximum(b_m, b_mt)
+        b_ref = tl.where(b_new == float("-inf"), 0.0, b_new)
+        b_l = b_l * tl.exp2(b_m - b_ref) + b_lt * tl.exp2(b_mt - b_ref)
+        b_m = b_new
     # A block's mass is the mean over its real rows: weigh each real row by 1 / (count * its sum of exp).
     m_real = o_i < n_real
     b_cnt = tl.minimum(PER, n_real - (o_i // PER) * PER).to(tl.float32)
-    b_w = tl.where(m_real, 1.0 / (tl.where(m_real, b_cnt * b_l, 1.0)), 0.0)
-    o_r = i_m * (BM // GM) + tl.arange(0, BM // GM)
-    p_row = mass + i_bh.to(tl.int64) * NR * NC + o_r[:, None].to(tl.int64) * NC
+    b_w = tl.where(m_real, 1.0 / tl.where(m_real, b_cnt * b_l, 1.0), 0.0)
+    b_ref = tl.where(b_m == float("-inf"), 0.0, b_m)
+    o_q = i_m * (BM // GM) + tl.arange(0, BM // GM)
+    p_row = mass + (BH0 + i_c).to(tl.int64) * NR * NC + o_q[:, None].to(tl.int64) * NC
+    o_g = tl.arange(0, BN // GN)
     for i_n in range(0, n_tiles):
-        o_j = i_n * BN + tl.arange(0, BN)
-        b_s = _antidiagonal_tile(q, k, q_base, k_base, o_i, o_j, T, sq_t, sq_d, sk_t, sk_d, qk_scale, D, S,
-                                 BM, BN, BD, DOT, PREC)  # fmt: skip
-        b_p = tl.exp2(b_s - b_m[:, None]) * b_w[:, None]
-        b_mass = tl.sum(tl.sum(tl.reshape(b_p, [BM // GM, GM, BN // GN, GN]), 3), 1)
-        o_c = i_n * (BN // GN) + tl.arange(0, BN // GN)
-        tl.store(p_row + o_c[None, :], b_mass, mask=(o_r < NR)[:, None] & (o_c < NC)[None, :])
+        b_mt = tl.load(stats + (p_t + i_n) * (2 * BM) + o_r)
+        b_part = tl.load(part + (p_t + i_n) * (BM * (BN // GN)) + o_r[:, None] * (BN // GN) + o_g[None, :])
+        b_part = b_part * (tl.exp2(b_mt - b_ref) * b_w)[:, None]
+        b_mass = tl.sum(tl.reshape(b_part, [BM // GM, GM, BN // GN]), 1)
+        o_c = i_n * (BN // GN) + o_g
+        tl.store(p_row + o_c[None, :], b_mass, mask=(o_q < NR)[:, None] & (o_c < NC)[None, :])
     for i_n in range(n_tiles, tl.cdiv(NC * GN, BN)):
-        o_c = i_n * (BN // GN) + tl.arange(0, BN // GN)
+        o_c = i_n * (BN // GN) + o_g
         b_zero = tl.zeros([BM // GM, BN // GN], dtype=tl.float32)
-        tl.store(p_row + o_c[None, :], b_zero, mask=(o_r < NR)[:, None] & (o_c < NC)[None, :])
+        tl.store(p_row + o_c[None, :], b_zero, mask=(o_q < NR)[:, None] & (o_c < NC)[None, :])
 
 
 # Launch choices of the forward kernel (benchmarks/gpu_block_sparse_attention.py --sweep times them): query rows
@@ -508,20 +540,26 @@ def _launch_fitting(kernel, grid, args, options: dict, tried: tuple[int, ...] = 
         launch(tried[-1])  # raises the OutOfResources of the smallest depth
 
 
+# The block mass's fp32 scratch (each tile's row maxima, sums and column-group sums) holds at most this many bytes,
+# or one (b, h) slice's worth when that is more; the (b, h) slices run in chunks that fit (B=1 H=16 T=32768, block
+# 64, stride 8: 8.4 MB a slice, two chunks of 8).
+MASS_SCRATCH_BYTES = 64 << 20
+
+
 def _mass_config(q: torch.Tensor) -> dict:
-    """Tiles (``BM`` strided rows x ``BN`` columns) and launch options of the block-mass kernel. 16-bit inputs: 64 x
-    128, 8 warps, 3 stages (48 KiB of operands a stage, 144 KiB in all), swept on an H100 (B=1 H=16 T=32768 D=128
-    bf16, block 64, stride 8; ``do_bench``): 1.996 ms, against 3.35 for the earlier 128 x 64 (chosen from
-    ahead-of-time compiles alone); 64 x 128 with 4 warps 2.56, 128 x 128 2.73, 64 x 64 2.72, 32-column tiles 4.2+;
-    the PyTorch reference 17.3. Smaller row tiles give the causal triangle's unequal programs more programs to
-    balance over. fp32 (FMA dots): 64 x 32, 4 warps, 2 stages (48 KiB; 128 x 64 takes 192 KiB, more than an A100
-    has). 32 x 32 in the interpreter, where small tiles are faster and cross more tile edges. Never below 32: 16-wide
-    16-bit dots were wrong on an H100 (see the attention kernels)."""
+    """Tiles (``BM`` strided rows x ``BN`` key columns), warps and the pipeline depths to try (the first that fits the
+    GPU's shared memory) of the block mass's tile kernel. Swept on an H100 (B=1 H=16 D=128, stride 8 at block 64 and
+    16 at block 128; ``do_bench`` of the whole mass, BENCHMARKS.md): 16-bit inputs 128 x 128, 8 warps, 3 stages (192
+    KiB; 2 where less fits): T=32768 0.74 / 0.35 ms at block 64 / 128 (64 x 128: 0.99 / 0.44; 128 x 256, 2 stages:
+    0.78 / 0.42; 256 x 128: 0.85 / 0.43; 4 warps 0.77 / 0.36). fp32 (FMA dots): 64 x 64, 4 warps, 2 stages (128 KiB),
+    T=8192 block 64 1.45 ms (64 x 32: 2.67; 128 x 32: 1.63; 32 x 32: 2.46). 32 x 32 in the interpreter, where small
+    tiles are faster and cross more tile edges. Never below 32: 16-wide 16-bit dots were wrong on an H100 (see the
+    attention kernels)."""
     if q.device.type != "cuda":
-        return {"BM": 32, "BN": 32}
+        return {"BM": 32, "BN": 32, "stages": (1,)}
     if q.dtype == torch.float32:
-        return {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2}
-    return {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 3}
+        return {"BM": 64, "BN": 64, "num_warps": 4, "stages": (2, 1)}
+    return {"BM": 128, "BN": 128, "num_warps": 8, "stages": (3, 2, 1)}
 
 
 def block_mass_triton(
@@ -532,10 +570,11 @@ def block_mass_triton(
     scale: float,
     tiles: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """fp32 ``[B, H, NB, NB]`` block mass of :func:`select_blocks` with the fused kernel, equal (up to rounding) to
-    ``reference.block_mass_ref``. ``q, k [B, H, T, D]`` any strides, ``block_size % stride == 0``; ``tiles``
+    """fp32 ``[B, H, NB, NB]`` block mass of :func:`select_blocks` with the two mass kernels, equal (up to rounding)
+    to ``reference.block_mass_ref``. ``q, k [B, H, T, D]`` any strides, ``block_size % stride == 0``; ``tiles``
     overrides ``(BM, BN)``, powers of two >= 32 (tests). When a block spans several tiles (``block_size / stride``
-    above ``BM`` or ``BN``) the kernel writes partial sums per tile and they are added here. No autograd."""
+    above ``BM`` or ``BN``) the kernels write partial sums per tile and they are added here. The ``(b, h)`` slices
+    run in chunks whose scratch fits :data:`MASS_SCRATCH_BYTES`. No autograd."""
     batch, heads, seq, dim = q.shape
     nb = -(-seq // block_size)
     per = block_size // stride
@@ -546,12 +585,22 @@ def block_mass_triton(
     n = nb * per
     out = torch.empty(batch, heads, n // gm, n // gn, dtype=torch.float32, device=q.device)
     if out.numel():
-        grid = (triton.cdiv(n, cfg["BM"]), batch * heads)
-        _block_mass_kernel[grid](
-            q, k, out, seq, heads, n // gm, n // gn, *q.stride(), *k.stride(), scale / stride * LOG2E, D=dim,
-            S=stride, PER=per, GM=gm, GN=gn, BD=max(32, triton.next_power_of_2(dim)), **cfg,
-            **_dot_args(q.dtype, q.device),
-        )  # fmt: skip
+        bm, bn, tried = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("stages")
+        nrt, nt = triton.cdiv(n, bm), triton.cdiv(n, bn)
+        per_head = nrt * nt * (bm * (bn // gn) + 2 * bm)  # fp32 scratch words a (b, h) slice
+        chunk = max(1, min(batch * heads, MASS_SCRATCH_BYTES // (4 * per_head)))
+        part = torch.empty(chunk * nrt * nt * bm * (bn // gn), dtype=torch.float32, device=q.device)
+        stats = torch.empty(chunk * nrt * nt * 2 * bm, dtype=torch.float32, device=q.device)
+        consts = {"D": dim, "S": stride, "BM": bm, "BN": bn, "GN": gn, "BD": max(32, triton.next_power_of_2(dim))}
+        for bh0 in range(0, batch * heads, chunk):
+            slices = min(chunk, batch * heads - bh0)
+            args = (q, k, part, stats, seq, nrt, nt, bh0, *q.stride(), *k.stride(), scale / stride * LOG2E, heads)
+            options = {**consts, **cfg, **_dot_args(q.dtype, q.device)}
+            _launch_fitting(_mass_tile_kernel, (nrt, nt, slices), args, options, tried)
+            _mass_finish_kernel[(nrt, slices)](
+                part, stats, out, seq, n // gm, n // gn, nrt, nt, bh0, S=stride, PER=per, BM=bm, BN=bn, GM=gm, GN=gn,
+                num_warps=4,
+            )  # fmt: skip
     if gm == per and gn == per:
         return out
     return out.view(batch, heads, nb, per // gm, nb, per // gn).sum(dim=(3, 5))
