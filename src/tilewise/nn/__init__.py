@@ -2,10 +2,14 @@
 (PoolFormer / ConvFormer / CAFormer) with their 2-D mixers.
 
 Example:
+    >>> import torch
+    >>> import tilewise.nn
+    >>> _ = torch.manual_seed(0)
     >>> model = tilewise.nn.build_model("tiny", mixer="pooling")
-    >>> logits = model(torch.randint(0, 256, (2, 32)))  # [2, 32, 256]
+    >>> model(torch.randint(0, 256, (2, 32))).shape  # next-byte logits
+    torch.Size([2, 32, 256])
     >>> net = tilewise.nn.build_image_model("caformer-tiny")
-    >>> net(torch.randn(4, 1, 8, 8)).shape  # [4, 10] class logits
+    >>> net(torch.randn(4, 1, 8, 8)).shape  # class logits
     torch.Size([4, 10])
 """
 

@@ -1,6 +1,8 @@
 """The StarReLU activation of MetaFormer Baselines, shared by the language and image MetaFormers.
 
 Example:
+    >>> import torch
+    >>> from tilewise.nn import StarReLU
     >>> act = StarReLU()
     >>> act(torch.tensor([-1.0, 2.0])).tolist()
     [0.0, 4.0]
@@ -46,6 +48,20 @@ def star_relu(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch
     Args:
         x: any shape.
         scale, bias: ``[1]`` tensors (learnable or not).
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import star_relu
+        >>> s, b = torch.tensor([0.5]), torch.tensor([-1.0])
+        >>> x = torch.tensor([-2.0, 0.5, 3.0], requires_grad=True)
+        >>> y = star_relu(x, s, b)  # 0.5 * relu(x)**2 - 1
+        >>> y.tolist()
+        [-1.0, -0.875, 3.5]
+        >>> y.sum().backward()
+        >>> x.grad.tolist()  # 2 * s * relu(x)
+        [0.0, 0.5, 3.0]
+        >>> star_relu(torch.ones(3, dtype=torch.bfloat16), s, b).dtype  # fp32 scalars do not promote x
+        torch.bfloat16
     """
     return _StarReLUFunction.apply(x, scale, bias)
 
@@ -62,6 +78,20 @@ class StarReLU(nn.Module):
         learnable: train ``s`` and ``b``; default True.
 
     Shapes: any ``[*] -> [*]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import StarReLU
+        >>> act = StarReLU()  # s = 1, b = 0: relu(x)**2
+        >>> act(torch.tensor([-1.0, 0.5, 3.0])).tolist()
+        [0.0, 0.25, 9.0]
+        >>> [name for name, p in act.named_parameters() if p.requires_grad]
+        ['scale', 'bias']
+        >>> frozen = StarReLU(scale_init=2.0, bias_init=-1.0, learnable=False)
+        >>> frozen(torch.tensor([-1.0, 3.0])).tolist()  # 2 * relu(x)**2 - 1
+        [-1.0, 17.0]
+        >>> frozen.scale.requires_grad
+        False
     """
 
     def __init__(self, scale_init: float = 1.0, bias_init: float = 0.0, learnable: bool = True) -> None:

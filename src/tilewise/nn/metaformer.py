@@ -6,11 +6,17 @@ RMSNorm the model is LLaMA. Named sizes live in :data:`CONFIGS`: ``tiny`` (the C
 that build on the meta device for planning.
 
 Example:
+    >>> import math
+    >>> import torch
+    >>> from tilewise.nn import build_model
+    >>> _ = torch.manual_seed(0)
     >>> model = build_model("tiny")
     >>> idx = torch.randint(0, 256, (2, 16))
     >>> model(idx).shape
     torch.Size([2, 16, 256])
     >>> loss = model(idx[:, :-1], targets=idx[:, 1:])
+    >>> abs(loss.item() - math.log(256)) < 0.1  # near-uniform predictions at init
+    True
     >>> big = build_model("llama-7b", device="meta")  # no memory allocated
     >>> big.num_params()
     6738415616
@@ -62,6 +68,18 @@ class MetaFormerConfig:
         mixer_kwargs: extra constructor arguments of the mixer (e.g. ``{"window": 3}``).
         tie_embeddings: the head reuses the embedding matrix.
         dropout: residual and attention dropout in training.
+
+    Example:
+        >>> from tilewise.nn import MetaFormerConfig
+        >>> config = MetaFormerConfig(dim=64, n_layers=2, mixer="conv", mixer_kwargs={"kernel_size": 3})
+        >>> config.hidden_dim  # SwiGLU: 2/3 of 4 * 64 = 170, rounded up to a multiple of 64
+        192
+        >>> MetaFormerConfig(dim=64, mlp="gelu").hidden_dim  # 4 * 64
+        256
+        >>> MetaFormerConfig(norm="batchnorm")
+        Traceback (most recent call last):
+        ...
+        ValueError: norm must be 'rmsnorm' or 'layernorm', got 'batchnorm'
     """
 
     vocab_size: int = 256
@@ -132,6 +150,23 @@ class MLP(nn.Module):
     ``w2(s * relu(w1 x)**2 + b)``.
 
     Shapes: ``x [B, T, D] -> [B, T, D]``, hidden ``[B, T, config.hidden_dim]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import MLP, MetaFormerConfig
+        >>> _ = torch.manual_seed(0)
+        >>> mlp = MLP(MetaFormerConfig(dim=32, mlp="starrelu", mlp_ratio=2.0))
+        >>> mlp.w1.weight.shape, mlp.w3  # hidden width 2 * 32; no gate branch outside SwiGLU
+        (torch.Size([64, 32]), None)
+        >>> x = torch.randn(2, 5, 32)
+        >>> y = mlp(x)
+        >>> y.shape
+        torch.Size([2, 5, 32])
+        >>> x[:, 0] += 1.0  # a channel MLP works per token: the others do not change
+        >>> torch.allclose(mlp(x)[:, 1:], y[:, 1:])
+        True
+        >>> sum(p.numel() for p in MLP(MetaFormerConfig(dim=32)).parameters())  # SwiGLU: 3 matrices of 32 x 128
+        12288
     """
 
     def __init__(self, config: MetaFormerConfig) -> None:
@@ -165,7 +200,24 @@ def _mixer_kwargs(config: MetaFormerConfig) -> dict[str, Any]:
 
 
 class MetaFormerBlock(nn.Module):
-    """``x + mixer(norm(x))`` then ``x + mlp(norm(x))``. Shapes: ``[B, T, D] -> [B, T, D]``."""
+    """``x + mixer(norm(x))`` then ``x + mlp(norm(x))``. Shapes: ``[B, T, D] -> [B, T, D]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import MetaFormerBlock, MetaFormerConfig
+        >>> _ = torch.manual_seed(0)
+        >>> block = MetaFormerBlock(MetaFormerConfig(dim=32, n_heads=2, mixer="attention"))
+        >>> type(block.mixer).__name__, block.mixer.n_heads  # the mixer gets n_heads from the config
+        ('CausalAttention', 2)
+        >>> x = torch.randn(2, 6, 32)
+        >>> y = block(x)
+        >>> y.shape
+        torch.Size([2, 6, 32])
+        >>> x[:, 4] += 1.0  # change token 4: tokens 0-3 do not see it, token 4 on does
+        >>> y2 = block(x)
+        >>> torch.allclose(y2[:, :4], y[:, :4], atol=1e-6), torch.allclose(y2[:, 4:], y[:, 4:])
+        (True, False)
+    """
 
     def __init__(self, config: MetaFormerConfig) -> None:
         super().__init__()
@@ -192,6 +244,8 @@ class MetaFormerLM(nn.Module):
         config: the shape; see :class:`MetaFormerConfig`.
 
     Example:
+        >>> import torch
+        >>> from tilewise.nn import CONFIGS, MetaFormerLM
         >>> model = MetaFormerLM(CONFIGS["tiny"])
         >>> model(torch.zeros(1, 8, dtype=torch.long)).shape
         torch.Size([1, 8, 256])
@@ -282,6 +336,23 @@ def build_model(
 
     Raises:
         ValueError: for an unknown config name or mixer (the message lists the valid ones).
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import MetaFormerConfig, build_model
+        >>> _ = torch.manual_seed(0)
+        >>> config = MetaFormerConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16)
+        >>> model = build_model(config, mixer="sepconv")
+        >>> type(model.layers[0].mixer).__name__
+        'CausalSepConv'
+        >>> model(torch.randint(0, 256, (3, 10))).shape  # [B, T, vocab_size]
+        torch.Size([3, 10, 256])
+        >>> build_model(config, dtype=torch.bfloat16).output.weight.dtype
+        torch.bfloat16
+        >>> build_model("huge")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown config 'huge'; named configs are: tiny, small, base, llama-1b, llama-3b, llama-7b
     """
     if isinstance(name_or_config, str):
         if name_or_config not in CONFIGS:
@@ -303,7 +374,20 @@ def build_on_meta(
     factory: Callable[[], _Model], device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> _Model:
     """Run ``factory()`` on the meta device, then (unless ``device="meta"``) materialize the model on ``device``
-    (default CPU) with ``to_empty`` + its ``init_weights()`` (in fp32), and cast it to ``dtype``."""
+    (default CPU) with ``to_empty`` + its ``init_weights()`` (in fp32), and cast it to ``dtype``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import CONFIGS, MetaFormerConfig, MetaFormerLM, build_on_meta
+        >>> big = build_on_meta(lambda: MetaFormerLM(CONFIGS["llama-1b"]), device="meta")  # allocates nothing
+        >>> big.output.weight.device, big.num_params()  # TinyLlama's 1.1B
+        (device(type='meta'), 1100048384)
+        >>> _ = torch.manual_seed(0)
+        >>> small = build_on_meta(lambda: MetaFormerLM(MetaFormerConfig(dim=32, n_layers=2, n_heads=2)))
+        >>> w = small.output.weight  # materialized on the CPU and initialized ~ N(0, 0.02)
+        >>> w.device, round(w.std().item(), 2)
+        (device(type='cpu'), 0.02)
+    """
     with torch.device("meta"):
         model = factory()
     device = torch.device("cpu") if device is None else torch.device(device)

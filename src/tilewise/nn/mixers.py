@@ -25,6 +25,8 @@ Conventions a mixer follows:
   materialized with ``to_empty`` + ``init_weights()``.
 
 Example:
+    >>> import torch
+    >>> from tilewise.nn import build_mixer
     >>> mixer = build_mixer("pooling", 64, window=4)
     >>> mixer(torch.randn(2, 10, 64)).shape
     torch.Size([2, 10, 64])
@@ -72,12 +74,23 @@ def register_mixer(name: str) -> Callable[[_M], _M]:
         ValueError: if ``name`` is already registered.
 
     Example:
-        >>> @register_mixer("identity")
+        >>> import torch
+        >>> from torch import nn
+        >>> from tilewise.nn import MIXERS, build_mixer, register_mixer
+        >>> @register_mixer("my-identity")
         ... class Identity(nn.Module):
         ...     def __init__(self, dim: int) -> None:
         ...         super().__init__()
         ...     def forward(self, x):
         ...         return x
+        >>> x = torch.randn(1, 3, 8)
+        >>> torch.equal(build_mixer("my-identity", 8)(x), x)
+        True
+        >>> register_mixer("my-identity")(Identity)
+        Traceback (most recent call last):
+        ...
+        ValueError: mixer 'my-identity' is already registered (by ...); pick another name
+        >>> del MIXERS["my-identity"]  # leave the registry as it was
     """
 
     def decorator(cls: _M) -> _M:
@@ -99,6 +112,19 @@ def build_mixer(name: str, dim: int, **kwargs: object) -> nn.Module:
 
     Raises:
         ValueError: if ``name`` is not registered (the message lists the registered names).
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import build_mixer
+        >>> mixer = build_mixer("conv", 16, kernel_size=3)
+        >>> type(mixer).__name__, mixer.kernel_size
+        ('CausalConv', 3)
+        >>> mixer(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+        >>> build_mixer("lstm", 16)
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown mixer 'lstm'; registered mixers are: attention, conv, ...
     """
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; registered mixers are: {', '.join(sorted(MIXERS))}")
@@ -120,6 +146,21 @@ def rope_cos_sin(
 
     Returns:
         ``(cos, sin)``, each ``[T, Dh]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import rope_cos_sin
+        >>> cos, sin = rope_cos_sin(torch.arange(4), head_dim=8)
+        >>> cos.shape, sin.dtype
+        (torch.Size([4, 8]), torch.float32)
+        >>> torch.equal(cos[0], torch.ones(8)), torch.equal(sin[0], torch.zeros(8))  # position 0: no rotation
+        (True, True)
+        >>> round(sin[1, 0].item(), 4), round(sin[1, 4].item(), 4)  # fastest pair turns 1 rad a token: sin(1)
+        (0.8415, 0.8415)
+        >>> torch.allclose(cos**2 + sin**2, torch.ones(4, 8))
+        True
+        >>> rope_cos_sin(torch.arange(4), head_dim=8, dtype=torch.bfloat16)[0].dtype
+        torch.bfloat16
     """
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; choose dim / n_heads even")
@@ -130,7 +171,24 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [..., T, Dh]`` by the tables of :func:`rope_cos_sin` (``[T, Dh]``); returns ``[..., T, Dh]``."""
+    """Rotate ``x [..., T, Dh]`` by the tables of :func:`rope_cos_sin` (``[T, Dh]``); returns ``[..., T, Dh]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import apply_rope, rope_cos_sin
+        >>> _ = torch.manual_seed(0)
+        >>> cos, sin = rope_cos_sin(torch.arange(6), head_dim=8)
+        >>> apply_rope(torch.randn(2, 4, 6, 8), cos, sin).shape  # [B, H, T, Dh]
+        torch.Size([2, 4, 6, 8])
+        >>> q, k = torch.randn(8).expand(6, 8), torch.randn(8).expand(6, 8)  # the same q and k at every position
+        >>> qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        >>> torch.allclose(qr.norm(dim=-1), q.norm(dim=-1))  # a rotation keeps the norm
+        True
+        >>> torch.allclose(qr[3] @ kr[1], qr[5] @ kr[3], atol=1e-5)  # the score depends on the offset only
+        True
+        >>> torch.allclose(qr[3] @ kr[1], qr[3] @ kr[2], atol=1e-5)
+        False
+    """
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
@@ -148,6 +206,22 @@ class CausalAttention(nn.Module):
         dropout: attention-probability dropout in training; default 0.
 
     Shapes: ``x [B, T, D] -> [B, T, D]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import CausalAttention
+        >>> _ = torch.manual_seed(0)
+        >>> attn = CausalAttention(32, n_heads=4, n_kv_heads=2)  # grouped-query: 2 query heads per k/v head
+        >>> attn.wq.weight.shape, attn.wk.weight.shape  # head width 32 / 4 = 8
+        (torch.Size([32, 32]), torch.Size([16, 32]))
+        >>> x = torch.randn(2, 6, 32)
+        >>> y = attn(x)
+        >>> y.shape
+        torch.Size([2, 6, 32])
+        >>> x[:, 4] += 1.0  # change token 4: tokens 0-3 do not see it, token 4 on does
+        >>> y2 = attn(x)
+        >>> torch.allclose(y2[:, :4], y[:, :4], atol=1e-6), torch.allclose(y2[:, 4:], y[:, 4:])
+        (True, False)
     """
 
     def __init__(
@@ -201,6 +275,22 @@ class CausalPooling(nn.Module):
         window: tokens averaged, the current one included; default 4.
 
     Shapes: ``x [B, T, D] -> [B, T, D]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import CausalPooling
+        >>> pool = CausalPooling(1, window=2)
+        >>> x = torch.tensor([2.0, 4.0, 0.0, 8.0]).view(1, 4, 1)  # [B, T, D]
+        >>> pool(x).flatten().tolist()  # mean of x[t-1], x[t] (x[0] alone at t = 0), minus x[t]
+        [0.0, -1.0, 2.0, -4.0]
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(2, 8, 16)
+        >>> y = CausalPooling(16, window=3)(x)
+        >>> x[:, 5] += 1.0  # change token 5: tokens 0-4 do not see it
+        >>> torch.allclose(CausalPooling(16, window=3)(x)[:, :5], y[:, :5])
+        True
+        >>> len(list(pool.parameters()))
+        0
     """
 
     def __init__(self, dim: int, window: int = 4) -> None:
@@ -233,6 +323,19 @@ class CausalConv(nn.Module):
         bias: learn ``b``; default True.
 
     Shapes: ``x [B, T, D] -> [B, T, D]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import CausalConv
+        >>> conv = CausalConv(1, kernel_size=3)
+        >>> with torch.no_grad():  # taps [1, 2, 3], no bias
+        ...     _ = conv.conv.weight.copy_(torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 3))
+        ...     _ = conv.conv.bias.zero_()
+        >>> impulse = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]).view(1, 5, 1)  # [B, T, D]
+        >>> conv(impulse).flatten().tolist()  # zero before the impulse; the last tap weighs the current token
+        [0.0, 3.0, 2.0, 1.0, 0.0]
+        >>> CausalConv(16)(torch.randn(2, 7, 16)).shape
+        torch.Size([2, 7, 16])
     """
 
     def __init__(self, dim: int, kernel_size: int = 4, bias: bool = True) -> None:
@@ -260,6 +363,22 @@ class CausalSepConv(nn.Module):
         expansion: hidden width as a multiple of ``D``; default 2.
 
     Shapes: ``x [B, T, D] -> [B, T, D]``, hidden ``[B, T, expansion * D]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import CausalSepConv
+        >>> _ = torch.manual_seed(0)
+        >>> mixer = CausalSepConv(16, kernel_size=3)
+        >>> mixer.pw1.weight.shape, mixer.dwconv.conv.weight.shape  # 2 * 16 hidden channels, 3 taps each
+        (torch.Size([32, 16]), torch.Size([32, 1, 3]))
+        >>> x = torch.randn(2, 8, 16)
+        >>> y = mixer(x)
+        >>> y.shape
+        torch.Size([2, 8, 16])
+        >>> x[:, 5] += 1.0  # change token 5: tokens 0-4 do not see it, tokens 5-7 (within 3 taps) do
+        >>> y2 = mixer(x)
+        >>> torch.allclose(y2[:, :5], y[:, :5]), torch.allclose(y2[:, 5:], y[:, 5:])
+        (True, False)
     """
 
     def __init__(self, dim: int, kernel_size: int = 7, expansion: float = 2.0) -> None:
@@ -317,6 +436,22 @@ class GatedLinearAttention(nn.Module):
         norm_eps: epsilon of the per-head output RMSNorm; default 1e-5.
 
     Shapes: ``x [B, T, D] -> [B, T, D]``; inside, ``q, k, v [B, T, H, D / H]``, ``g [B, T, H]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import GatedLinearAttention
+        >>> _ = torch.manual_seed(0)
+        >>> gla = GatedLinearAttention(16, n_heads=2)
+        >>> gla.wg.weight.shape  # one decay logit per head
+        torch.Size([2, 16])
+        >>> x = torch.randn(2, 6, 16)
+        >>> y = gla(x)
+        >>> y.shape
+        torch.Size([2, 6, 16])
+        >>> x[:, 4] += 1.0  # change token 4: tokens 0-3 do not see it, token 4 on does
+        >>> y2 = gla(x)
+        >>> torch.allclose(y2[:, :4], y[:, :4], atol=1e-6), torch.allclose(y2[:, 4:], y[:, 4:])
+        (True, False)
     """
 
     def __init__(
@@ -386,6 +521,29 @@ class LongConv(nn.Module):
         short_kernel: taps of the short causal convolution; default 3.
 
     Shapes: ``x [B, T, D] -> [B, T, D]`` with ``T <= max_seq_len``; the op sees ``u [B, D, T]``, ``k [D, T]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import LongConv
+        >>> _ = torch.manual_seed(0)
+        >>> mixer = LongConv(8, max_seq_len=10)
+        >>> mixer.kernel.shape  # one learned tap per channel and position
+        torch.Size([8, 10])
+        >>> w = mixer.window(16)  # fastest channel at 1e-2 after 30% of max_seq_len, slowest after 150%
+        >>> round(w[0, 3].item(), 4), round(w[-1, 15].item(), 4)
+        (0.01, 0.01)
+        >>> x = torch.randn(2, 10, 8)
+        >>> y = mixer(x)
+        >>> y.shape
+        torch.Size([2, 10, 8])
+        >>> x[:, 6] += 1.0  # change token 6: tokens 0-5 see it only through FFT rounding
+        >>> y2 = mixer(x)
+        >>> torch.allclose(y2[:, :6], y[:, :6], atol=1e-6), torch.allclose(y2[:, 6:], y[:, 6:])
+        (True, False)
+        >>> mixer(torch.randn(1, 11, 8))
+        Traceback (most recent call last):
+        ...
+        ValueError: sequence length 11 exceeds the fft_conv kernel length max_seq_len=10; ...
     """
 
     def __init__(self, dim: int, max_seq_len: int = 1024, short_kernel: int = 3) -> None:

@@ -14,6 +14,8 @@ images, 10 classes: sized for scikit-learn's digits, they train on a CPU in seco
 ``poolformerv2-s12``, ``convformer-s18``, ``caformer-s18`` (ImageNet, 224x224; build them on ``"meta"`` to plan).
 
 Example:
+    >>> import torch
+    >>> from tilewise.nn import build_image_model
     >>> net = build_image_model("convformer-tiny")
     >>> net(torch.randn(2, 1, 8, 8)).shape
     torch.Size([2, 10])
@@ -53,6 +55,18 @@ class Pooling2d(nn.Module):
     inside the image (``count_include_pad=False``). The block adds ``x`` back. No parameters.
 
     Shapes: channels-last ``x [B, H, W, C] -> [B, H, W, C]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import Pooling2d
+        >>> pool = Pooling2d(3, pool_size=3)
+        >>> pool(torch.ones(1, 4, 4, 3)).abs().max().item()  # constant image: 0, borders included
+        0.0
+        >>> x = torch.zeros(1, 5, 5, 1)
+        >>> x[0, 2, 2, 0] = 9.0  # one bright pixel
+        >>> y = pool(x)
+        >>> y.shape, y[0, 2, 2, 0].item(), y[0, 1, 1, 0].item(), y[0, 0, 0, 0].item()  # 9/9 - 9, 9/9 - 0, 0
+        (torch.Size([1, 5, 5, 1]), -8.0, 1.0, 0.0)
     """
 
     def __init__(self, dim: int, pool_size: int = 3) -> None:
@@ -72,6 +86,22 @@ class SepConv2d(nn.Module):
     StarReLU, depthwise ``kernel_size`` square convolution, pointwise back to ``C``; no biases.
 
     Shapes: channels-last ``x [B, H, W, C] -> [B, H, W, C]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import SepConv2d
+        >>> _ = torch.manual_seed(0)
+        >>> mixer = SepConv2d(8, kernel_size=3)
+        >>> mixer.dw.weight.shape  # depthwise over 2 * 8 hidden channels
+        torch.Size([16, 1, 3, 3])
+        >>> x = torch.randn(2, 6, 6, 8)
+        >>> y = mixer(x)
+        >>> y.shape
+        torch.Size([2, 6, 6, 8])
+        >>> x[:, 0, 0] += 1.0  # change the top-left pixel: a 3x3 kernel reaches 1 pixel away only
+        >>> y2 = mixer(x)
+        >>> torch.allclose(y2[:, 2:, :], y[:, 2:, :]), torch.allclose(y2[:, 1, 1], y[:, 1, 1])
+        (True, False)
     """
 
     def __init__(self, dim: int, kernel_size: int = 7, expansion: float = 2.0) -> None:
@@ -92,6 +122,23 @@ class Attention2d(nn.Module):
     stages before it give position).
 
     Shapes: channels-last ``x [B, H, W, C] -> [B, H, W, C]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import Attention2d
+        >>> _ = torch.manual_seed(0)
+        >>> attn = Attention2d(32, head_dim=8)
+        >>> attn.n_heads
+        4
+        >>> x = torch.randn(2, 4, 4, 32)
+        >>> y = attn(x)
+        >>> y.shape
+        torch.Size([2, 4, 4, 32])
+        >>> torch.allclose(attn(x.flip(1, 2)), y.flip(1, 2), atol=1e-6)  # no position: moving pixels moves outputs
+        True
+        >>> x[:, 0, 0] += 1.0  # every pixel attends to every other one, even the farthest
+        >>> torch.allclose(attn(x)[:, 3, 3], y[:, 3, 3])
+        False
     """
 
     def __init__(self, dim: int, head_dim: int = 32) -> None:
@@ -160,6 +207,21 @@ class MetaFormerImageConfig:
         res_scale: per stage, whether to learn a per-channel scale on the residual path (init 1); default off.
         head: ``"linear"`` or ``"mlp"`` (ConvFormer/CAFormer's ``fc -> SquaredReLU -> LayerNorm -> fc``, 4x wide).
         dropout: dropout before the classifier in training.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import IMAGE_CONFIGS, MetaFormerImageConfig, build_image_model
+        >>> IMAGE_CONFIGS["caformer-tiny"].mixers
+        ('sepconv', 'attention')
+        >>> config = MetaFormerImageConfig(
+        ...     in_chans=1, num_classes=4, depths=(1, 1), dims=(8, 16), mixers=("pooling", "attention"), head_dim=8
+        ... )
+        >>> build_image_model(config)(torch.randn(2, 1, 16, 16)).shape  # stem 16 -> 4, then 4 -> 2
+        torch.Size([2, 4])
+        >>> MetaFormerImageConfig(depths=(1, 1), dims=(8, 16), mixers=("pooling", "conv"))
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown image mixer(s) ['conv']; choose from: pooling, sepconv, attention, identity
     """
 
     in_chans: int = 3
@@ -239,6 +301,17 @@ class GroupNorm1(nn.Module):
     image, then a per-channel scale (and shift).
 
     Shapes: ``x [B, H, W, C] -> [B, H, W, C]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import GroupNorm1
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(2, 4, 4, 6)  # channels last
+        >>> reference = torch.nn.GroupNorm(1, 6, eps=1e-6)(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        >>> torch.allclose(GroupNorm1(6)(x), reference, atol=1e-5)
+        True
+        >>> GroupNorm1(6, bias=False).bias is None
+        True
     """
 
     def __init__(self, channels: int, eps: float = 1e-6, bias: bool = True) -> None:
@@ -298,7 +371,23 @@ class _Mlp2d(nn.Module):
 
 class MetaFormerImageBlock(nn.Module):
     """``r1 * x + l1 * mixer(norm1 x)`` then ``r2 * x + l2 * mlp(norm2 x)``; ``r``, ``l`` are optional per-channel
-    scales (res scale, layer scale). Shapes: channels-last ``[B, H, W, C] -> [B, H, W, C]``."""
+    scales (res scale, layer scale). Shapes: channels-last ``[B, H, W, C] -> [B, H, W, C]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import MetaFormerImageBlock, MetaFormerImageConfig
+        >>> _ = torch.manual_seed(0)
+        >>> config = MetaFormerImageConfig(depths=(1,), dims=(16,), mixers=("pooling",), layer_scale=1e-5)
+        >>> block = MetaFormerImageBlock(config, 16, "pooling", res_scale=False)
+        >>> type(block.mixer).__name__, block.mlp.fc1.weight.shape  # MLP hidden: 4 * 16
+        ('Pooling2d', torch.Size([64, 16]))
+        >>> x = torch.randn(2, 4, 4, 16)
+        >>> y = block(x)
+        >>> y.shape
+        torch.Size([2, 4, 4, 16])
+        >>> torch.allclose(y, x, atol=1e-3), torch.equal(y, x)  # layer scale 1e-5: the block starts near identity
+        (True, False)
+    """
 
     def __init__(self, config: MetaFormerImageConfig, channels: int, mixer: str, res_scale: bool) -> None:
         super().__init__()
@@ -348,6 +437,21 @@ class MetaFormerImage(nn.Module):
         config: see :class:`MetaFormerImageConfig`.
 
     Shapes: ``images [B, in_chans, H, W] -> logits [B, num_classes]``.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import IMAGE_CONFIGS, MetaFormerImage
+        >>> _ = torch.manual_seed(0)
+        >>> net = MetaFormerImage(IMAGE_CONFIGS["poolformer-tiny"])
+        >>> images = torch.randn(2, 1, 8, 8)
+        >>> net.forward_features(images).shape  # stride-2 stem then one downsampling: 8x8 -> 4x4 -> 2x2
+        torch.Size([2, 2, 2, 64])
+        >>> net(images).shape, net.num_params()
+        (torch.Size([2, 10]), 101970)
+        >>> net(torch.randn(2, 3, 8, 8))
+        Traceback (most recent call last):
+        ...
+        ValueError: images must be a floating tensor [B, 1, H, W], got dtype torch.float32 and shape (2, 3, 8, 8)
     """
 
     def __init__(self, config: MetaFormerImageConfig) -> None:
@@ -427,6 +531,18 @@ def build_image_model(
 
     Raises:
         ValueError: for an unknown name (the message lists the named configs) or a bad field.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.nn import build_image_model
+        >>> _ = torch.manual_seed(0)
+        >>> net = build_image_model("convformer-tiny", num_classes=3)  # a field replaced
+        >>> net(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 3])
+        >>> build_image_model("poolformer-tiny", dtype=torch.float64).head.weight.dtype
+        torch.float64
+        >>> build_image_model("convformer-s18", device="meta").num_params()  # planned, not allocated
+        26774448
     """
     if isinstance(name_or_config, str):
         if name_or_config not in IMAGE_CONFIGS:

@@ -115,6 +115,35 @@ class LowBitOptimizer(torch.optim.Optimizer):
     """Base of the tilewise optimizers (a ``torch.optim.Optimizer``); not used directly.
 
     Subclasses set ``kind`` and implement ``_check_group`` and ``_step_bucket``.
+
+    Example:
+        Every tilewise optimizer is one, so ``isinstance`` finds them all, and they share its methods: here
+        ``skipped_steps`` (with ``skip_nonfinite=True``, a NaN gradient leaves the weights and state alone) and a
+        ``load_state_dict`` that refuses state saved in another format.
+
+        >>> import torch
+        >>> import tilewise
+        >>> from tilewise.optim import LowBitOptimizer
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(64, 64, bias=False)  # 4096 weights: not below min_quant_numel
+        >>> opt = tilewise.optim.AdamW8bit(model.parameters(), skip_nonfinite=True)
+        >>> isinstance(opt, LowBitOptimizer), isinstance(opt, torch.optim.Optimizer), opt.kind
+        (True, True, 'adam')
+        >>> before = model.weight.detach().clone()
+        >>> model.weight.grad = torch.full_like(model.weight, float("nan"))
+        >>> opt.step()
+        >>> torch.equal(model.weight, before), int(opt.skipped_steps())
+        (True, 1)
+        >>> model.weight.grad = torch.ones_like(model.weight)
+        >>> opt.step()
+        >>> torch.equal(model.weight, before), int(opt.skipped_steps())
+        (False, 1)
+        >>> saved = opt.state_dict()
+        >>> fp32 = tilewise.optim.AdamW(model.parameters(), skip_nonfinite=True)
+        >>> fp32.load_state_dict(saved)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: param group 0: the state_dict was saved with state format 'q8', but this optimizer uses 'fp32'; ...
     """
 
     kind: str = ""

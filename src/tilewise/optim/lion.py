@@ -27,7 +27,24 @@ class Lion(LowBitOptimizer):
             seed: as for :class:`tilewise.optim.AdamW`.
 
     Example:
-        >>> opt = tilewise.optim.Lion(model.parameters(), lr=1e-4, weight_decay=0.1, state_bits=8)
+        The update is a sign, so (without weight decay) a step moves every weight by exactly ``lr``:
+
+        >>> import torch
+        >>> import tilewise
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(64, 64, bias=False)
+        >>> before = model.weight.detach().clone()
+        >>> opt = tilewise.optim.Lion(model.parameters(), lr=1e-3)
+        >>> x = torch.randn(32, 64)
+        >>> loss = model(x).square().mean()
+        >>> loss.backward()
+        >>> opt.step()
+        >>> torch.allclose((model.weight - before).abs(), torch.full_like(before, 1e-3))
+        True
+        >>> bool(model(x).square().mean() < loss)
+        True
+        >>> sorted(opt.state[model.weight])  # one moment, fp32: 4 bytes per parameter
+        ['exp_avg', 'skips', 'step']
     """
 
     kind = "lion"
@@ -69,7 +86,21 @@ class Lion8bit(Lion):
     """:class:`Lion` with 8-bit block-wise state by default (``state_bits=8``).
 
     Example:
-        >>> opt = tilewise.optim.Lion8bit(model.parameters(), lr=1e-4)
+        >>> import torch
+        >>> import tilewise
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(64, 64, bias=False)  # 4096 weights: not below min_quant_numel
+        >>> opt = tilewise.optim.Lion8bit(model.parameters(), lr=1e-3, weight_decay=0.1)
+        >>> x = torch.randn(32, 64)
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     model(x).square().mean().backward()
+        ...     opt.step()
+        >>> state = opt.state[model.weight]
+        >>> state["exp_avg_codes"].dtype, int(state["step"])
+        (torch.uint8, 3)
+        >>> round(sum(t.nbytes for t in state.values()) / model.weight.numel(), 2)  # bytes per parameter
+        1.02
     """
 
     def __init__(self, params: Iterable, *args: Any, state_bits: int = 8, **kwargs: Any) -> None:

@@ -29,12 +29,32 @@ CODEBOOK_BITS: dict[str, int] = {
 
 
 def codebook_names() -> list[str]:
-    """The names :func:`codebook` accepts."""
+    """The names :func:`codebook` accepts.
+
+    Example:
+        >>> from tilewise.quant import codebook, codebook_bits, codebook_names
+        >>> codebook_names()
+        ['int8', 'int4', 'dynamic8', 'udynamic8', 'dynamic4', 'ulinear4', 'nf4', 'fp4', 'fp8_e4m3', 'fp8_e5m2']
+        >>> all(codebook(name).numel() <= 2 ** codebook_bits(name) for name in codebook_names())
+        True
+    """
     return list(CODEBOOK_BITS)
 
 
 def codebook_bits(name: str) -> int:
-    """Bits per code of codebook ``name`` (8 or 4)."""
+    """Bits per code of codebook ``name`` (8 or 4).
+
+    Example:
+        >>> from tilewise.quant import codebook, codebook_bits
+        >>> codebook_bits("nf4"), codebook_bits("fp8_e4m3")
+        (4, 8)
+        >>> codebook("nf4").numel() == 2 ** codebook_bits("nf4")  # NF4 uses all 16 codes
+        True
+        >>> codebook_bits("nf3")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown codebook 'nf3'; choose one of int8, int4, ...
+    """
     _check_name(name)
     return CODEBOOK_BITS[name]
 
@@ -54,8 +74,17 @@ def codebook(name: str) -> torch.Tensor:
     max 1), ``"fp8_e4m3"``/``"fp8_e5m2"`` (every finite fp8 value, scaled to max 1).
 
     Example:
-        >>> tilewise.quant.codebook("nf4").shape
-        torch.Size([16])
+        >>> import torch
+        >>> from tilewise.quant import codebook
+        >>> nf4 = codebook("nf4")
+        >>> nf4.shape, nf4.dtype
+        (torch.Size([16]), torch.float32)
+        >>> nf4[[0, 7, -1]].tolist()  # from -1 to 1, with an exact zero
+        [-1.0, 0.0, 1.0]
+        >>> bool((nf4.diff() > 0).all())  # sorted, distinct
+        True
+        >>> torch.equal(codebook("int4") * 7, torch.arange(-7.0, 8.0))  # int4: k / 7 for k in -7..7
+        True
     """
     _check_name(name)
     return _build(name).clone()

@@ -37,6 +37,29 @@ class QuantizedTensor:
     numel rounded up to a whole block).
 
     Build one with :func:`tilewise.quant.quantize`; get the tensor back with :meth:`dequantize`.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.quant import QuantizedTensor, quantize
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(4, 100)
+        >>> q = quantize(x, "nf4", block_size=64)
+        >>> q
+        QuantizedTensor(shape=(4, 100), dtype=torch.float32, codebook='nf4', block_size=64, nbytes=228, device=cpu)
+        >>> q.codes.dtype, q.codes.shape, q.scales.shape  # 400 codes packed two per byte; 7 blocks of 64
+        (torch.uint8, torch.Size([200]), torch.Size([7]))
+        >>> q.bits, q.numel(), q.nbytes == q.codes.numel() + 4 * q.scales.numel()
+        (4, 400, True)
+        >>> q.dequantize().shape, q.dequantize(torch.bfloat16).dtype
+        (torch.Size([4, 100]), torch.bfloat16)
+
+        :meth:`state_dict` holds plain tensors only, and :meth:`from_state_dict` rebuilds the same tensor:
+
+        >>> state = q.state_dict()
+        >>> all(isinstance(v, torch.Tensor) for v in state.values())
+        True
+        >>> torch.equal(QuantizedTensor.from_state_dict(state).dequantize(), q.dequantize())
+        True
     """
 
     codes: torch.Tensor

@@ -64,7 +64,18 @@ def quantize_blockwise(
     skips it for callers that know their input is finite (a non-finite block then gets a non-finite scale).
 
     Example:
-        >>> codes, scales = quantize_blockwise(torch.randn(1000), codebook("int8"), 256)
+        >>> import torch
+        >>> from tilewise.ops import quantize_blockwise
+        >>> from tilewise.quant import codebook
+        >>> x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+        >>> codes, scales = quantize_blockwise(x, codebook("int8"), 256)
+        >>> codes.dtype, codes.shape, scales.shape  # one code per element, one scale per block of 256
+        (torch.uint8, torch.Size([1000]), torch.Size([4]))
+        >>> torch.equal(scales[:3], x[:768].view(3, 256).abs().amax(dim=1))  # the scale is the block's absmax
+        True
+        >>> codes4, _ = quantize_blockwise(x, codebook("nf4"), 64, bits=4)
+        >>> codes4.shape  # 4-bit codes packed two per byte
+        torch.Size([500])
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -101,7 +112,24 @@ def dequantize_blockwise(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Rebuild the flat tensor ``[numel]`` from ``codes`` and ``scales`` (see :func:`quantize_blockwise`)."""
+    """Rebuild the flat tensor ``[numel]`` from ``codes`` and ``scales`` (see :func:`quantize_blockwise`).
+
+    Example:
+        >>> import torch
+        >>> from tilewise.ops import dequantize_blockwise, quantize_blockwise
+        >>> from tilewise.quant import codebook
+        >>> x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+        >>> code = codebook("int8")  # the 255 values i / 127
+        >>> codes, scales = quantize_blockwise(x, code, 256)
+        >>> y = dequantize_blockwise(codes, scales, code, 256, x.numel())
+        >>> y.shape, y.dtype
+        (torch.Size([1000]), torch.float32)
+        >>> step = scales.repeat_interleave(256)[:1000] / 127  # each element's codebook step
+        >>> bool(((y - x).abs() <= step / 2 + 1e-6).all())  # nearest rounding: off by at most half a step
+        True
+        >>> dequantize_blockwise(codes, scales, code, 256, x.numel(), dtype=torch.bfloat16).dtype
+        torch.bfloat16
+    """
     check_block_size(block_size)
     _check_code(code, bits)
     if codes.dtype != torch.uint8:

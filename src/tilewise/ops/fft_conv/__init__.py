@@ -96,8 +96,18 @@ def fft_conv(
         >>> import torch
         >>> from tilewise.ops import fft_conv
         >>> u = torch.tensor([[[1.0, 2.0, 3.0]]])
-        >>> fft_conv(u, torch.tensor([[1.0, 1.0, 0.0]]))
+        >>> k = torch.tensor([[1.0, 1.0, 0.0]])  # y[t] = u[t] + u[t - 1]
+        >>> fft_conv(u, k).round()  # an FFT result is exact only up to float rounding
         tensor([[[1., 3., 5.]]])
+
+        A long random kernel with a skip term matches the direct causal sum (``conv1d`` correlates, so flip ``k``):
+
+        >>> import torch.nn.functional as F
+        >>> g = torch.Generator().manual_seed(0)
+        >>> u, k, d = torch.randn(2, 4, 100, generator=g), torch.randn(4, 100, generator=g), torch.randn(4, generator=g)
+        >>> direct = F.conv1d(F.pad(u, (99, 0)), k.flip(-1)[:, None], groups=4) + d[:, None] * u
+        >>> torch.allclose(fft_conv(u, k, skip=d), direct, atol=1e-4)
+        True
     """
     _check(u, k, skip)
     tensors = (u, k) if skip is None else (u, k, skip)

@@ -172,6 +172,22 @@ def linear_attention_step(
     Returns:
         ``(o, new_state)``: ``o`` like ``v`` in q's dtype, ``new_state [B, H, Dk, Dv]`` fp32 (a new tensor). Plain
         PyTorch on every device; differentiable.
+
+    Example:
+        Prefill 8 tokens with :func:`linear_attention`, then decode the 9th from its final state:
+
+        >>> import torch
+        >>> from tilewise.ops import linear_attention, linear_attention_step
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, k, v = (torch.randn(2, 9, 3, 16, generator=g) for _ in range(3))
+        >>> gate = -torch.rand(2, 9, 3, generator=g)  # log decay per token and head
+        >>> o_full, _ = linear_attention(q, k, v, gate)
+        >>> _, state = linear_attention(q[:, :8], k[:, :8], v[:, :8], gate[:, :8], output_final_state=True)
+        >>> o, state = linear_attention_step(q[:, 8], k[:, 8], v[:, 8], state, gate[:, 8])
+        >>> o.shape, state.shape, state.dtype
+        (torch.Size([2, 3, 16]), torch.Size([2, 3, 16, 16]), torch.float32)
+        >>> torch.allclose(o, o_full[:, 8], atol=1e-5)  # the same as running all 9 tokens at once
+        True
     """
     if isinstance(q, torch.Tensor) and q.dim() == 4:
         _check_qkv(q, k, v, 4, "[B, 1, H, D]")
