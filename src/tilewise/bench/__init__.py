@@ -2,8 +2,12 @@
 
 Example:
     >>> from tilewise.bench import format_table, run_suite
-    >>> rows = run_suite("quant", numel=1 << 20, repeats=5)
-    >>> print(format_table(rows))
+    >>> rows = run_suite("quant", numel=4096, repeats=1, codebooks=["nf4"], device="cpu", peers=[])
+    >>> [(row["op"], row["impl"], row["status"], row["check"]) for row in rows]
+    [('quantize', 'tilewise (reference)', 'ok', 'is the reference'),
+     ('dequantize', 'tilewise (reference)', 'ok', 'is the reference')]
+    >>> print(format_table(rows).splitlines()[0])  # the timings below it vary from run to run
+    suite  op  codebook  block  impl  numel  dtype  ms  GB/s  % copy  check  rel RMS err  status
 
 Suites: ``quant`` (block-wise quantize/dequantize vs bitsandbytes and torchao), ``hadamard`` (the Walsh-Hadamard
 transform vs a dense matmul and fast_hadamard_transform), ``optim`` (an AdamW step on quantized state vs torch,

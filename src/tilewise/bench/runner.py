@@ -103,7 +103,24 @@ _DTYPES = {
 
 
 def register_suite(name: str) -> Callable[[Callable[..., list[dict[str, Any]]]], Callable[..., list[dict[str, Any]]]]:
-    """Decorator: register ``fn(**options) -> list[dict]`` as the suite ``name`` of :func:`run_suite`."""
+    """Decorator: register ``fn(**options) -> list[dict]`` as the suite ``name`` of :func:`run_suite`.
+
+    Example:
+        >>> from tilewise.bench import register_suite, run_suite, suite_names
+        >>> from tilewise.bench.runner import _SUITES, make_row
+        >>> @register_suite("squares")
+        ... def squares(*, n: int = 3) -> list[dict]:
+        ...     return [make_row(suite="squares", op="square", n=i, check=str(i * i)) for i in range(n)]
+        >>> "squares" in suite_names()
+        True
+        >>> [row["check"] for row in run_suite("squares", n=4)]
+        ['0', '1', '4', '9']
+        >>> register_suite("squares")(lambda: [])
+        Traceback (most recent call last):
+        ...
+        ValueError: a benchmark suite named 'squares' is already registered (...)
+        >>> del _SUITES["squares"]  # the registry is the process's: leave it as it was
+    """
 
     def decorator(fn: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[dict[str, Any]]]:
         if name in _SUITES and _SUITES[name] is not fn:
@@ -120,7 +137,13 @@ def _load_builtin_suites() -> None:
 
 
 def suite_names() -> list[str]:
-    """Names :func:`run_suite` accepts."""
+    """Names :func:`run_suite` accepts.
+
+    Example:
+        >>> from tilewise.bench import suite_names
+        >>> suite_names()  # the built-in suites; register_suite adds more
+        ['hadamard', 'mixers', 'optim', 'quant']
+    """
     _load_builtin_suites()
     return sorted(_SUITES)
 
@@ -137,6 +160,18 @@ def run_suite(name: str, **options: Any) -> list[dict[str, Any]]:
 
     Raises:
         ValueError: unknown suite, or an option the suite does not take.
+
+    Example:
+        >>> from tilewise.bench import ROW_KEYS, run_suite
+        >>> rows = run_suite("hadamard", numel=1024, sizes=[128], repeats=1, device="cpu", peers=[], backend=None)
+        >>> [(row["impl"].split()[0], row["n"], row["rows"], row["status"]) for row in rows]  # 8 rows of 128
+        [('tilewise', 128, 8, 'ok'), ('torch', 128, 8, 'ok')]
+        >>> all(list(row) == list(ROW_KEYS) and row["median_ms"] > 0 for row in rows)
+        True
+        >>> run_suite("hadamard", size=128)
+        Traceback (most recent call last):
+        ...
+        ValueError: suite 'hadamard' takes no option 'size'; its options: numel, repeats, sizes, device, ...
     """
     names = suite_names()
     if name not in _SUITES:
@@ -153,7 +188,14 @@ def run_suite(name: str, **options: Any) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Timing:
-    """A timed measurement: median milliseconds over ``repeats`` calls, and how it was taken."""
+    """A timed measurement: median milliseconds over ``repeats`` calls, and how it was taken.
+
+    Example:
+        >>> from tilewise.bench import Timing, time_fn
+        >>> timing = time_fn(lambda: sum(range(1000)), "cpu", repeats=5)
+        >>> isinstance(timing, Timing), timing.method, timing.repeats, timing.median_ms > 0
+        (True, 'host', 5, True)
+    """
 
     median_ms: float
     repeats: int
@@ -205,6 +247,19 @@ def time_fn(
         budget_s: rough seconds to spend on the timed calls.
         nbytes: bytes the op moves; on CUDA, below ``8 x L2`` the L2 cache is flushed before every timed call so
             each call reads its inputs from memory (``None``: flush).
+
+    Example:
+        >>> import time
+        >>> from tilewise.bench import time_fn
+        >>> calls = []
+        >>> def work():
+        ...     calls.append(1)
+        ...     time.sleep(0.001)
+        >>> timing = time_fn(work, "cpu", repeats=10, warmup=2)
+        >>> timing.method, timing.repeats, len(calls), timing.median_ms >= 1.0  # 2 warm-up + 10 timed calls
+        ('host', 10, 12, True)
+        >>> time_fn(work, "cpu", repeats=10, budget_s=0).repeats  # over budget: fewer calls, but at least 3
+        3
     """
     device = torch.device(device)
     if repeats < 1:
@@ -271,7 +326,14 @@ def _copy_bandwidth(device: str) -> float:
 
 def copy_bandwidth(device: str | torch.device) -> float:
     """Measured ``dst.copy_(src)`` bandwidth of ``device`` in GB/s (1e9 bytes/s, bytes read + written), cached per
-    device: 512 MiB buffers on CUDA, 64 MiB on the CPU."""
+    device: 512 MiB buffers on CUDA, 64 MiB on the CPU.
+
+    Example:
+        >>> from tilewise.bench import copy_bandwidth
+        >>> gbps = copy_bandwidth("cpu")  # measured on the first call (a fraction of a second)
+        >>> gbps > 0, copy_bandwidth("cpu") == gbps  # then cached
+        (True, True)
+    """
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -286,7 +348,14 @@ def device_name(device: str | torch.device) -> str:
 
 @dataclass(frozen=True)
 class Peer:
-    """A library we race: ``module`` is imported, ``dist`` is its name on PyPI (and in ``pip install``)."""
+    """A library we race: ``module`` is imported, ``dist`` is its name on PyPI (and in ``pip install``).
+
+    Example:
+        >>> from tilewise.bench import Peer
+        >>> peer = Peer(module="fast_hadamard_transform", dist="fast-hadamard-transform")
+        >>> peer.missing_status()  # the status of its rows when it is not installed
+        'missing (pip install fast-hadamard-transform)'
+    """
 
     module: str
     dist: str
@@ -311,7 +380,17 @@ class LoadedPeer:
 
 def load_peer(peer: Peer) -> LoadedPeer:
     """Import ``peer`` if it is installed. Never raises: a missing peer gets status ``"missing (pip install X)"``,
-    one whose import fails ``"import failed: ..."``, else ``"ok"``."""
+    one whose import fails ``"import failed: ..."``, else ``"ok"``.
+
+    Example:
+        >>> from tilewise.bench import Peer, load_peer
+        >>> torch_peer = load_peer(Peer("torch", "torch"))
+        >>> torch_peer.status, torch_peer.module.__name__, torch_peer.label.startswith("torch ")  # label: + version
+        ('ok', 'torch', True)
+        >>> missing = load_peer(Peer("no_such_module", "no-such-dist"))
+        >>> missing.status, missing.module, missing.label
+        ('missing (pip install no-such-dist)', None, 'no-such-dist')
+    """
     try:
         found = importlib.util.find_spec(peer.module) is not None
     except (ImportError, ValueError):
@@ -436,6 +515,22 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Rows from :func:`run_suite` as a fixed-width text table, with the machine and its copy ceiling below.
 
     Columns with no value in any row are left out; a cell whose value is missing shows ``-``.
+
+    Example:
+        >>> from tilewise.bench import format_table
+        >>> from tilewise.bench.runner import make_row
+        >>> rows = [
+        ...     make_row(suite="demo", op="copy", impl="ours", numel=1 << 20, device="cpu", median_ms=0.5, gbps=8.4,
+        ...              pct_copy=42.0, copy_gbps=20.0),
+        ...     make_row(suite="demo", op="copy", impl="peer", numel=1 << 20, device="cpu",
+        ...              status="missing (pip install peer)"),
+        ... ]
+        >>> print(format_table(rows))
+        suite  op    impl  numel     ms  GB/s  % copy  status
+        -----  ----  ----  -----  -----  ----  ------  --------------------------
+        demo   copy  ours     1M  0.500  8.40   42.0%  ok
+        demo   copy  peer     1M      -     -       -  missing (pip install peer)
+        cpu (cpu): copy_ 20 GB/s (bytes read + written) = 100%
     """
     if not rows:
         return "(no rows)"

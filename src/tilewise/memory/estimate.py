@@ -5,8 +5,17 @@ Nothing is allocated: the model is built on the meta device, the optimizer state
 README.md beside this file.
 
 Example:
+    >>> from tilewise.memory import Recipe, estimate
     >>> bd = estimate("base", Recipe(optim="adamw8bit", batch_size=8, seq_len=1024))
     >>> print(bd.format_table())
+    base (attention, 113,658,624 params), adamw8bit, fp32, B=8 T=1024
+    category                  MiB       GiB      %
+    weights                 433.6     0.423    5.3
+    gradients               433.6     0.423    5.3
+    optimizer_state         220.3     0.215    2.7
+    activations            6979.4     6.816   85.8
+    other                    64.0     0.062    0.8
+    total                  8130.8     7.940  100.0
 """
 
 from __future__ import annotations
@@ -69,6 +78,19 @@ class Recipe:
         min_quant_numel: tensors smaller than this keep fp32 state under 8/4-bit formats; default 4096.
         device: ``"cuda"`` (default) or ``"cpu"``: the kernels differ in what they save for backward (CUDA's fused
             RMSNorm keeps its input and ``rstd``; the CPU's composite also keeps ``x * rstd``).
+
+    Example:
+        >>> import dataclasses
+        >>> from tilewise.memory import Recipe
+        >>> recipe = Recipe(optim="adamw8bit", batch_size=4, seq_len=2048)
+        >>> recipe.param_dtype, recipe.device, recipe.batch_size * recipe.seq_len  # tokens per micro-batch
+        ('fp32', 'cuda', 8192)
+        >>> dataclasses.replace(recipe, activation_checkpointing=True).activation_checkpointing  # frozen: replace
+        True
+        >>> Recipe(optim="adam")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown optim 'adam'; use one of adamw, tw-adamw, adamw8bit, adamw4bit, lion8bit, sgd
     """
 
     optim: str = "adamw"
@@ -95,7 +117,24 @@ class Recipe:
 
 @dataclass
 class Breakdown:
-    """Bytes per category (:data:`CATEGORIES`); ``total`` is their sum, a conservative peak."""
+    """Bytes per category (:data:`CATEGORIES`); ``total`` is their sum, a conservative peak.
+
+    Example:
+        >>> from tilewise.memory import Breakdown
+        >>> GiB = 2**30
+        >>> bd = Breakdown(weights=GiB, gradients=GiB, optimizer_state=2 * GiB, title="by hand")
+        >>> bd.total == 4 * GiB, bd.as_dict()["activations"]
+        (True, 0)
+        >>> print(bd.format_table())
+        by hand
+        category                  MiB       GiB      %
+        weights                1024.0     1.000   25.0
+        gradients              1024.0     1.000   25.0
+        optimizer_state        2048.0     2.000   50.0
+        activations               0.0     0.000    0.0
+        other                     0.0     0.000    0.0
+        total                  4096.0     4.000  100.0
+    """
 
     weights: int = 0
     gradients: int = 0
@@ -291,6 +330,20 @@ def estimate(model: str | MetaFormerConfig, recipe: Recipe, *, mixer: str | None
 
     Raises:
         ValueError: for an unknown model, mixer or optimizer name.
+
+    Example:
+        >>> from tilewise.memory import Recipe, estimate
+        >>> bd = estimate("tiny", Recipe(batch_size=2, seq_len=16))
+        >>> print(bd.title)
+        tiny (attention, 918,656 params), adamw, fp32, B=2 T=16
+        >>> bd.weights == 4 * 918_656, bd.gradients == bd.weights  # fp32 parameters and gradients
+        (True, True)
+        >>> bd8 = estimate("tiny", Recipe(batch_size=2, seq_len=16, optim="adamw8bit"))
+        >>> round(bd.optimizer_state / bd8.optimizer_state, 1)  # 8-bit state (small tensors stay fp32)
+        3.9
+        >>> ckpt = estimate("small", Recipe(activation_checkpointing=True))
+        >>> round(estimate("small", Recipe()).activations / ckpt.activations, 1)  # B=8 T=1024
+        5.2
     """
     return _estimate(model, _config(model, mixer), recipe, {})
 
@@ -348,6 +401,15 @@ def parse_size(text: str) -> int:
 
     Raises:
         ValueError: for anything else, or a size below one byte.
+
+    Example:
+        >>> from tilewise.memory import parse_size
+        >>> parse_size("24GiB"), parse_size("80GB"), parse_size("1.5 kib"), parse_size("4096")
+        (25769803776, 80000000000, 1536, 4096)
+        >>> parse_size("24 gigs")
+        Traceback (most recent call last):
+        ...
+        ValueError: invalid size '24 gigs': use a number of bytes or a number with a unit, e.g. 24GiB, ...
     """
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).lower() if match else None
@@ -424,6 +486,19 @@ def fit_recipe(
 
     Raises:
         ValueError: for an unknown model or mixer, or a mixer without an activation formula.
+
+    Example:
+        >>> from tilewise.memory import Recipe, estimate, fit_recipe, parse_size
+        >>> base = Recipe(batch_size=8, seq_len=1024)
+        >>> budget = parse_size("8GiB")
+        >>> estimate("base", base).total <= budget
+        False
+        >>> fits = fit_recipe("base", budget, base=base)
+        >>> best, bd = fits[0]  # the fewest changes: only the optimizer state, now 8-bit
+        >>> best.optim, best.param_dtype, best.activation_checkpointing, best.batch_size, bd.total <= budget
+        ('adamw8bit', 'fp32', False, 8, True)
+        >>> fit_recipe("tiny", parse_size("64MiB"), base=base)  # the 64 MiB allowance for `other` alone fills it
+        []
     """
     ranked = sorted(_search(model, base, mixer), key=lambda row: row[0])
     return [(recipe, bd) for _, recipe, bd in ranked if bd.total <= budget_bytes]
@@ -432,7 +507,16 @@ def fit_recipe(
 def smallest_recipe(
     model: str | MetaFormerConfig, *, base: Recipe, mixer: str | None = None
 ) -> tuple[Recipe, Breakdown]:
-    """The recipe with the smallest predicted total in :func:`fit_recipe`'s search (ties: the best ranked)."""
+    """The recipe with the smallest predicted total in :func:`fit_recipe`'s search (ties: the best ranked).
+
+    Example:
+        >>> from tilewise.memory import Recipe, smallest_recipe
+        >>> recipe, bd = smallest_recipe("base", base=Recipe(batch_size=8, seq_len=1024))
+        >>> recipe.optim, recipe.param_dtype, recipe.activation_checkpointing, recipe.batch_size, recipe.grad_accum
+        ('adamw4bit', 'bf16', True, 1, 8)
+        >>> round(bd.total / 2**30, 2)  # GiB: every knob at the far end of its steps
+        0.66
+    """
     ranked = sorted(_search(model, base, mixer), key=lambda row: (row[2].total, row[0]))
     return ranked[0][1], ranked[0][2]
 
@@ -473,6 +557,16 @@ def format_command(
 
     ``tilewise train`` has no parameter-dtype flag: it trains fp32 parameters, under bf16 autocast on CUDA only,
     and offers the AdamW/Lion optimizers; the caveat says where the recipe needs more than its flags.
+
+    Example:
+        >>> from tilewise.memory import Recipe, format_command
+        >>> recipe = Recipe(optim="adamw8bit", autocast_bf16=True, batch_size=4, grad_accum=2)
+        >>> format_command("plan", "small", recipe)
+        ('tilewise plan --model small --optim adamw8bit --batch-size 4 --seq-len 1024 --grad-accum 2 --autocast', None)
+        >>> format_command("train", "small", recipe)  # train autocasts on CUDA by itself
+        ('tilewise train --model small --optim adamw8bit --batch-size 4 --seq-len 1024 --grad-accum 2', None)
+        >>> format_command("train", "small", Recipe(optim="sgd", autocast_bf16=True))[1]
+        'tilewise train does not offer --optim sgd: use your own loop'
     """
     if command not in ("train", "plan"):
         raise ValueError(f"command must be 'train' or 'plan', got {command!r}")
@@ -530,6 +624,28 @@ def plan_main(argv: list[str] | None = None) -> int:
     :func:`fit_recipe` as ``tilewise train`` / ``tilewise plan`` command lines with its breakdown. Exit status: 0
     when the breakdown is printed and, with ``--budget``, some recipe fits; 1 when nothing in the search fits the
     budget; 2 for bad arguments.
+
+    Example:
+        >>> import contextlib
+        >>> import io
+        >>> from tilewise.memory import plan_main
+        >>> plan_main(["--model", "tiny", "--batch-size", "4", "--seq-len", "256", "--device", "cpu"])
+        tiny (attention, 918,656 params), adamw, fp32, B=4 T=256
+        category                  MiB       GiB      %
+        weights                   3.5     0.003    2.8
+        gradients                 3.5     0.003    2.8
+        optimizer_state           7.0     0.007    5.6
+        activations              46.9     0.046   37.5
+        other                    64.0     0.062   51.2
+        total                   124.9     0.122  100.0
+        0
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     status = plan_main(["--model", "base", "--budget", "8GiB"])
+        >>> status, [line.strip() for line in out.getvalue().splitlines() if line.startswith("  tilewise train")]
+        (0, ['tilewise train --model base --optim adamw8bit --batch-size 8 --seq-len 1024'])
+        >>> plan_main(["--optim", "adam"])
+        tilewise plan: error: unknown optim 'adam'; use one of adamw, tw-adamw, adamw8bit, adamw4bit, lion8bit, sgd
+        2
     """
     parser = argparse.ArgumentParser(prog="tilewise plan", description="Predict training memory (no allocation).")
     parser.add_argument("--model", default="tiny", help=f"named config: {', '.join(CONFIGS)}")

@@ -6,11 +6,26 @@ backward while ``fn`` runs (``torch.autograd.graph.saved_tensors_hooks``). DTens
 (FSDP2) count their local shards: the bytes this process holds.
 
 Example:
+    >>> import torch
+    >>> from tilewise.memory import Recipe, estimate, format_comparison, measure_peak
+    >>> from tilewise.nn import build_model
+    >>> _ = torch.manual_seed(0)
+    >>> model = build_model("tiny")
+    >>> opt = torch.optim.AdamW(model.parameters())
+    >>> idx = torch.randint(0, 256, (2, 16))
     >>> def step():
-    ...     model(idx, targets=idx).backward()
+    ...     model(idx, targets=idx).backward()  # with targets: the mean cross-entropy
     ...     opt.step()
     >>> measured = measure_peak(step, model=model, optimizer=opt)
-    >>> print(format_comparison(estimate("tiny", Recipe(batch_size=2, seq_len=16)).as_dict(), measured))
+    >>> predicted = estimate("tiny", Recipe(batch_size=2, seq_len=16, device="cpu"))
+    >>> print(format_comparison(predicted.as_dict(), measured, measured_other=False))
+    category          predicted MiB   measured MiB  measured/predicted
+    weights                    3.50           3.50                1.00
+    gradients                  3.50           3.50                1.00
+    optimizer_state            7.01           7.01                1.00
+    activations                1.47           1.47                1.00
+    other                     64.00            n/a                   -
+    total w/o other           15.49          15.49                1.00
 """
 
 from __future__ import annotations
@@ -36,7 +51,17 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once).
+
+    Example:
+        >>> import torch
+        >>> from tilewise.memory import tensor_bytes
+        >>> a = torch.zeros(1024)  # 4 KiB of fp32
+        >>> tensor_bytes([a, a[:10], a.view(32, 32)])  # three views of one storage
+        4096
+        >>> tensor_bytes([a, torch.zeros(10, dtype=torch.bfloat16), torch.zeros(8, device="meta")])  # meta: none
+        4116
+    """
     seen: dict[tuple[str, int], int] = {}
     for t in map(_local, tensors):
         if t.device.type != "meta" and t.numel():
@@ -55,6 +80,18 @@ class SavedTensorCounter(torch.autograd.graph.saved_tensors_hooks):
     Not counted: ``exclude``'s storages, parameters and views of parameters (FSDP2's gathered weights are
     parameters while a block runs), and what ``torch.utils.checkpoint(use_reentrant=False)`` keeps: its own
     hooks replace these inside a checkpointed region.
+
+    Example:
+        >>> import torch
+        >>> from tilewise.memory import SavedTensorCounter
+        >>> w = torch.nn.Parameter(torch.randn(64, 64))
+        >>> x = torch.randn(32, 64)
+        >>> counter = SavedTensorCounter()
+        >>> with counter:
+        ...     for _ in range(2):  # two micro-batches: each saves x for x @ w and tanh's output (w: a parameter)
+        ...         torch.tanh(x @ w).sum().backward()
+        >>> counter.nbytes == 2 * 32 * 64 * 4  # one forward's worth, not the two summed
+        True
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
@@ -109,6 +146,19 @@ def measure_peak(
         ``weights``, ``gradients``, ``optimizer_state``, ``activations`` (distinct storages saved for backward by
         the largest forward pass: see :class:`SavedTensorCounter`), ``other`` (on CUDA: the measured peak minus the
         four, at least 0; 0 on the CPU, where nothing measures it) and ``peak`` (on the CPU: the sum of the four).
+
+    Example:
+        >>> import torch
+        >>> from tilewise.memory import measure_peak
+        >>> model = torch.nn.Linear(256, 256)  # 65,792 fp32 parameters: 263,168 bytes
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # one momentum buffer per parameter
+        >>> x = torch.randn(8, 256)
+        >>> def step():
+        ...     model(x).square().mean().backward()  # saves x (for the weight's gradient) and square's input
+        ...     opt.step()
+        >>> measure_peak(step, model=model, optimizer=opt)
+        {'weights': 263168, 'gradients': 263168, 'optimizer_state': 263168, 'activations': 16384, 'other': 0,
+         'peak': 805888}
     """
     params = list(model.parameters()) if model is not None else []
     if device is None:
@@ -155,6 +205,23 @@ def format_comparison(
         markdown: a Markdown table (for a report) instead of aligned text.
         measured_other: False where ``other`` is not measured (the CPU): that cell reads ``n/a`` and the last row
             compares the totals without it.
+
+    Example:
+        >>> from tilewise.memory import format_comparison
+        >>> MiB = 2**20
+        >>> predicted = {"weights": 4 * MiB, "gradients": 4 * MiB, "optimizer_state": 8 * MiB, "activations": 16 * MiB}
+        >>> predicted["other"] = 64 * MiB
+        >>> measured = dict(predicted, activations=12 * MiB, other=0, peak=28 * MiB)
+        >>> print(format_comparison(predicted, measured, measured_other=False))
+        category          predicted MiB   measured MiB  measured/predicted
+        weights                    4.00           4.00                1.00
+        gradients                  4.00           4.00                1.00
+        optimizer_state            8.00           8.00                1.00
+        activations               16.00          12.00                0.75
+        other                     64.00            n/a                   -
+        total w/o other           32.00          28.00                0.88
+        >>> print(format_comparison(None, measured, markdown=True).splitlines()[-1])  # no prediction
+        | total (peak) | - | 28.00 | - |
     """
     rows: list[tuple[str, int | None, int | None]] = []
     for c in CATEGORIES:

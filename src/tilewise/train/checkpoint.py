@@ -49,7 +49,30 @@ _PREFIX = "step-"
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write ``tensors`` (name -> tensor, any device, no shared storage needed) to a safetensors file at ``path``."""
+    """Write ``tensors`` (name -> tensor, any device, no shared storage needed) to a safetensors file at ``path``.
+
+    Example:
+        >>> import json
+        >>> import struct
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import torch
+        >>> from tilewise.train import save_safetensors
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp, "model.safetensors")
+        ...     save_safetensors({"w": torch.ones(2, 3), "step": torch.tensor(7)}, path)
+        ...     raw = path.read_bytes()
+        >>> (n,) = struct.unpack("<Q", raw[:8])  # the format: header length, JSON header, then the data
+        >>> json.loads(raw[8 : 8 + n])["w"]
+        {'dtype': 'F32', 'shape': [2, 3], 'data_offsets': [8, 32]}
+        >>> len(raw) == 8 + n + 8 + 24, n % 8  # int64 step (8 bytes), then w (24 bytes); aligned header
+        (True, 0)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_safetensors({"z": torch.zeros(2, dtype=torch.complex64)}, Path(tmp, "z.safetensors"))
+        Traceback (most recent call last):
+        ...
+        TypeError: tensor 'z' has dtype torch.complex64, which safetensors cannot store here
+    """
     header: dict[str, Any] = {}
     blobs = []
     offset = 0
@@ -71,7 +94,22 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file into CPU tensors (name -> tensor)."""
+    """Read a safetensors file into CPU tensors (name -> tensor).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import torch
+        >>> from tilewise.train import load_safetensors, save_safetensors
+        >>> tensors = {"w": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "mask": torch.tensor([True, False])}
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     save_safetensors(tensors, Path(tmp, "model.safetensors"))
+        ...     loaded = load_safetensors(Path(tmp, "model.safetensors"))
+        >>> sorted(loaded), loaded["w"].dtype, loaded["w"].shape
+        (['mask', 'w'], torch.bfloat16, torch.Size([2, 3]))
+        >>> all(torch.equal(loaded[name], tensors[name]) for name in tensors)
+        True
+    """
     raw = Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
@@ -96,7 +134,23 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest complete checkpoint of a run, or None.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from tilewise.train import latest_checkpoint
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     print(latest_checkpoint(run))
+        ...     for step in (200, 1000, 400):
+        ...         folder = Path(run, "checkpoints", f"step-{step:07d}")
+        ...         folder.mkdir(parents=True)
+        ...         (folder / "trainer.pt").touch()  # written last: its presence marks a complete checkpoint
+        ...     Path(run, "checkpoints", "step-0001200").mkdir()  # no trainer.pt: incomplete, ignored
+        ...     print(latest_checkpoint(run).name)
+        None
+        step-0001000
+    """
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

@@ -24,11 +24,19 @@ and the key hashes the sources' paths, sizes and modification times with the set
 a temporary folder and renamed into place, so a reader never sees half of one.
 
 Example:
-    >>> corpus = build_corpus(max_bytes=400_000)
+    >>> import tempfile
+    >>> import torch
+    >>> from tilewise.train import build_corpus
+    >>> with tempfile.TemporaryDirectory() as cache:  # the default cache is ~/.cache/tilewise/corpus
+    ...     corpus = build_corpus(max_bytes=400_000, cache_dir=cache)
+    ...     again = build_corpus(max_bytes=400_000, cache_dir=cache)
+    >>> corpus.train.numel() + corpus.val.numel(), corpus.cached, again.cached, torch.equal(again.val, corpus.val)
+    (400000, False, True, True)
     >>> x, y = corpus.batch("train", batch_size=8, seq_len=128, generator=torch.Generator().manual_seed(0))
     >>> x.shape, x.dtype, bool((x[:, 1:] == y[:, :-1]).all())
     (torch.Size([8, 128]), torch.int64, True)
-    >>> round(corpus.unigram_bits_per_byte("val"), 2)  # the score of a byte-frequency model: about 4.6
+    >>> 4.0 < corpus.unigram_bits_per_byte("val") < 5.0  # a byte-frequency model's score: about 4.6 (Python 3.11)
+    True
 """
 
 from __future__ import annotations
@@ -89,9 +97,13 @@ class Corpus:
         vocab_size: 256, one token per byte value.
 
     Example:
+        >>> import torch
+        >>> from tilewise.train import Corpus
         >>> c = Corpus(torch.tensor(list(b"aaab"), dtype=torch.uint8), torch.tensor(list(b"ab"), dtype=torch.uint8))
+        >>> c.vocab_size, c.train.numel(), c.val.numel(), c.cached
+        (256, 4, 2, False)
         >>> round(c.unigram_bits_per_byte(), 4)  # (log2(260/4) + log2(260/2)) / 2
-        6.5233
+        6.5224
     """
 
     train: torch.Tensor
@@ -122,7 +134,17 @@ class Corpus:
         is the next byte after each position of ``x``.
 
         Example:
-            >>> x, y = corpus.batch("val", 4, 64, torch.Generator().manual_seed(0))
+            >>> import torch
+            >>> from tilewise.train import Corpus
+            >>> letters = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz"), dtype=torch.uint8)
+            >>> corpus = Corpus(train=letters, val=letters)
+            >>> x, y = corpus.batch("val", 4, 8, torch.Generator().manual_seed(0))
+            >>> x.shape, y.dtype, bool((y == x + 1).all())  # consecutive letters: each target is the next byte
+            (torch.Size([4, 8]), torch.int64, True)
+            >>> corpus.batch("val", 1, 26)
+            Traceback (most recent call last):
+            ...
+            ValueError: seq_len + 1 = 27 is longer than the val split (26 bytes); use a shorter seq_len or ...
         """
         data = self._split(split)
         if batch_size < 1 or seq_len < 1:
@@ -144,7 +166,13 @@ class Corpus:
         model must beat: a model that ignores context scores this.
 
         Example:
-            >>> corpus.unigram_bits_per_byte("val")  # about 4.6 for the built-in corpus (Python 3.11)
+            >>> import torch
+            >>> from tilewise.train import Corpus
+            >>> c = Corpus(torch.tensor(list(b"abab"), dtype=torch.uint8), torch.tensor(list(b"zz"), dtype=torch.uint8))
+            >>> round(c.unigram_bits_per_byte("train"), 4)  # p(a) = p(b) = (2 + 1) / (4 + 256): log2(260 / 3)
+            6.4374
+            >>> round(c.unigram_bits_per_byte("val"), 4)  # 'z' is not in train: p = 1 / 260, log2(260)
+            8.0224
         """
         target = self._split(split)
         counts = torch.bincount(self.train.long(), minlength=256).double() + 1.0
@@ -157,8 +185,17 @@ def default_cache_dir() -> Path:
     """``$TILEWISE_CACHE/corpus`` if ``TILEWISE_CACHE`` is set, else ``~/.cache/tilewise/corpus``.
 
     Example:
-        >>> default_cache_dir()
-        PosixPath('/home/me/.cache/tilewise/corpus')
+        >>> import os
+        >>> from pathlib import Path
+        >>> from unittest import mock
+        >>> from tilewise.train import default_cache_dir
+        >>> with mock.patch.dict(os.environ, {"TILEWISE_CACHE": "/data/tw-cache"}):
+        ...     print(default_cache_dir().as_posix())
+        /data/tw-cache/corpus
+        >>> with mock.patch.dict(os.environ):  # restores the environment afterwards
+        ...     _ = os.environ.pop("TILEWISE_CACHE", None)
+        ...     print(default_cache_dir() == Path.home() / ".cache" / "tilewise" / "corpus")
+        True
     """
     root = os.environ.get("TILEWISE_CACHE")
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "tilewise") / "corpus"
@@ -323,8 +360,24 @@ def build_corpus(
         ValueError: ``data`` does not exist, holds no readable text, or the settings are out of range.
 
     Example:
-        >>> corpus = build_corpus("notes/", cache_dir="/tmp/cache")
-        >>> corpus.train.shape, corpus.val.shape, corpus.description
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from tilewise.train import build_corpus
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     notes = Path(tmp, "notes")
+        ...     notes.mkdir()
+        ...     for i in range(20):
+        ...         _ = Path(notes, f"note{i:02d}.md").write_text(f"Note {i}: remember the milk. " * 4)
+        ...     _ = Path(notes, "photo.png").write_bytes(b"PNG")  # not a text extension: not read
+        ...     corpus = build_corpus(notes, cache_dir=Path(tmp, "cache"), val_fraction=0.2)
+        >>> print(corpus.description)
+        text files under ...notes: 2,200 bytes in 20 documents
+        >>> len(corpus.meta["documents"]["train"]), len(corpus.meta["documents"]["val"])  # whole documents
+        (15, 5)
+        >>> build_corpus("no/such/folder")
+        Traceback (most recent call last):
+        ...
+        ValueError: data path 'no/such/folder' does not exist; pass an existing text file or folder
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")

@@ -20,9 +20,27 @@ an uninterrupted one bit for bit. Ctrl-C (or a ``KeyboardInterrupt`` raised by `
 forward/backward passes writes a checkpoint of the last completed step before the exception propagates.
 
 Example:
-    >>> run_dir = train(TrainConfig(steps=200, out="runs/demo"))
-    >>> print((run_dir / "report.md").read_text())
-    >>> run_dir = train(dataclasses.replace(load_config("runs/demo"), steps=400, resume="runs/demo"))
+    >>> import contextlib
+    >>> import dataclasses
+    >>> import io
+    >>> import json
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from tilewise.train import TrainConfig, train
+    >>> def losses(run_dir):
+    ...     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ...     return [row["loss"] for row in rows if "loss" in row]
+    >>> with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+    ...     text = Path(tmp, "notes.txt")
+    ...     _ = text.write_text("A resumed run repeats the losses of an uninterrupted one. " * 100)
+    ...     config = TrainConfig(
+    ...         steps=2, batch_size=2, seq_len=16, eval_batches=1, device="cpu", data=str(text), cache_dir=tmp
+    ...     )
+    ...     whole = losses(train(dataclasses.replace(config, out=f"{tmp}/whole")))
+    ...     part = train(dataclasses.replace(config, out=f"{tmp}/part", stop_after=1))  # ends after step 1 ...
+    ...     resumed = losses(train(dataclasses.replace(config, resume=str(part))))  # ... and goes on to step 2
+    >>> len(whole), resumed == whole  # bit for bit
+    (2, True)
 """
 
 from __future__ import annotations
@@ -107,6 +125,18 @@ class TrainConfig:
             ``steps``.
         dist: ``"ddp"`` or ``"fsdp"`` to train data-parallel under torchrun (:data:`DIST_MODES`); None for one
             process.
+
+    Example:
+        >>> from tilewise.train import TrainConfig
+        >>> config = TrainConfig(optim="lion8bit", batch_size=8, grad_accum=4)
+        >>> config.model, config.steps, config.peak_lr  # lr=None: Lion's default peak
+        ('tiny', 600, 0.0003)
+        >>> config.batch_size * config.seq_len * config.grad_accum  # tokens (bytes) per optimizer step
+        4096
+        >>> TrainConfig(optim="sgd")
+        Traceback (most recent call last):
+        ...
+        ValueError: optim must be one of adamw, tw-adamw, adamw8bit, adamw4bit, lion8bit, got 'sgd'
     """
 
     model: str = "tiny"
@@ -164,7 +194,25 @@ class TrainConfig:
 
 
 def load_config(run_dir: str | Path) -> TrainConfig:
-    """The :class:`TrainConfig` saved in a run directory's ``config.json``."""
+    """The :class:`TrainConfig` saved in a run directory's ``config.json``.
+
+    Example:
+        >>> import dataclasses
+        >>> import json
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from tilewise.train import TrainConfig, load_config
+        >>> config = TrainConfig(steps=50, optim="adamw8bit", seed=3)
+        >>> with tempfile.TemporaryDirectory() as run:
+        ...     saved = dataclasses.asdict(config) | {"from_a_newer_version": 1}  # unknown keys are ignored
+        ...     _ = Path(run, "config.json").write_text(json.dumps(saved))
+        ...     print(load_config(run) == config)
+        True
+        >>> load_config("no/such/run")
+        Traceback (most recent call last):
+        ...
+        ValueError: 'no/such/run/config.json' does not exist; pass a run directory written by `tilewise train`
+    """
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise ValueError(f"{str(path)!r} does not exist; pass a run directory written by `tilewise train`")
@@ -397,6 +445,34 @@ def train(config: TrainConfig, callback: Callable[[dict[str, Any]], None] | None
         ValueError: bad settings, a resume directory without a checkpoint, ``out`` already holding a run, or a
             ``batch_size`` that the ranks cannot split evenly.
         KeyboardInterrupt: after writing a checkpoint, on Ctrl-C.
+
+    Example:
+        >>> import contextlib
+        >>> import io
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from tilewise.train import TrainConfig, latest_checkpoint, train
+        >>> rows = []
+        >>> def callback(row):
+        ...     rows.append(row)
+        ...     if row["step"] == 2:
+        ...         raise KeyboardInterrupt  # as Ctrl-C would: step 2's checkpoint is written, then it propagates
+        >>> with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()) as log:
+        ...     text = Path(tmp, "notes.txt")
+        ...     _ = text.write_text("Stop a run from its callback. " * 100)
+        ...     config = TrainConfig(
+        ...         steps=4, batch_size=2, seq_len=16, device="cpu", data=str(text), cache_dir=tmp, out=f"{tmp}/run"
+        ...     )
+        ...     try:
+        ...         train(config, callback)
+        ...     except KeyboardInterrupt:
+        ...         saved = latest_checkpoint(config.out).name
+        >>> [row["step"] for row in rows], rows[-1]["tokens"], saved  # 2 steps of 2 x 16 bytes
+        ([1, 2], 64, 'step-0000002')
+        >>> sorted(rows[0])
+        ['elapsed_s', 'grad_norm', 'loss', 'lr', 'step', 'tokens', 'tokens_per_s']
+        >>> log.getvalue().splitlines()[-2]
+        'interrupted: checkpoint of step 2 written; resume with --resume'
     """
     ctx, device = init_distributed(config.dist, _resolve_device(config.device))
     try:
