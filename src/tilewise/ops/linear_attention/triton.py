@@ -604,17 +604,95 @@ def _fused_bwd_dv_kernel(
 
 
 # ---- Vector gate g [T, H, K] (GLA). The decay differs per key dim, so the intra-chunk scores
-# A_ij = Σ_d q_id k_jd e^{G_id - G_jd} (j <= i) cannot be one dot of gated operands without factors e^{-G_j} that
-# overflow; this first version sums them one key dim at a time in fp32 ([BT, BT] elementwise per dim, exponents
-# masked to <= 0 before exp): exact and stable, O(BT^2 K) elementwise work (no tensor cores) per chunk.
+# A_ij = Σ_d q_id k_jd e^{G_id - G_jd} (j <= i) cannot be one dot of gated operands over the whole chunk without
+# factors e^{-G_j} that overflow. The chunk splits in two halves: across them (j in the first, i in the second) the
+# factors around the gate at the second half's first row are both <= 1, so that block is one dot; within a half
+# the sums run elementwise in fp32, one key row at a time ([BC, K] per row, exponents masked to <= 0 before exp).
+# A is computed once per (chunk, head) (_gla_intra_kernel) and read by the output and dv kernels.
 
 
 @triton.jit
-def _gate_col(g, bos, o_t, m_t, i_h, d, H: tl.constexpr, K: tl.constexpr):
-    """``(offsets, mask, G[:, d])`` of key dim ``d`` over the chunk: the cumulative log decay ``[BT]``."""
-    p = ((bos + o_t) * H + i_h) * K + d
-    m = m_t & ((tl.zeros_like(o_t) + d) < K)
-    return p, m, tl.cumsum(tl.load(g + p, mask=m, other=0.0).to(tl.float32), 0)
+def _gla_intra_half(q, k, g, bos, i_h, t_start, T, b_q, b_gc, b_gstart, o_c, o_k, m_k, H: tl.constexpr,
+                    K: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    """``[BC, BC]`` diagonal block of ``A`` for the ``BC`` rows from ``t_start``: ``b_q``, ``b_gc`` their query and
+    cumulative gate ``[BC, KP]``, ``b_gstart`` the cumulative gate before the first row ``[KP]``. One key row ``j``
+    at a time: column ``j`` is ``Σ_d q_id k_jd e^{G_id - G_jd}`` for ``i >= j`` (the exponent is masked before
+    ``exp``, so it is never positive)."""
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    b_gj = b_gstart
+    for j in range(0, BC):
+        m_j = m_k & ((tl.zeros_like(o_k) + t_start + j) < T)
+        p_j = ((bos + t_start + j) * H + i_h) * K + o_k
+        b_kj = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
+        b_gj += tl.load(g + p_j, mask=m_j, other=0.0).to(tl.float32)
+        b_e = tl.exp(tl.where((o_c >= j)[:, None], b_gc - b_gj[None, :], float("-inf")))
+        b_col = tl.sum(b_q * b_kj[None, :] * b_e, 1)
+        b_A += tl.where((o_c == j)[None, :], b_col[:, None], 0.0)
+    return b_A
+
+
+@triton.jit
+def _gla_intra_kernel(
+    q,
+    k,
+    g,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    KP: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The intra-chunk scores ``A [BT, BT]`` of one ``(chunk, head)`` with the vector gate, stored fp32 in rows of
+    ``A [B*T, H, BT]``: ``A_ij = Σ_d q_id k_jd e^{G_id - G_jd}`` for ``j <= i``, 0 above. The chunk splits in two
+    halves of ``BC = BT / 2`` rows. The lower-left block is one dot of ``q ⊙ e^{G - G_r}`` (second half) and
+    ``k ⊙ e^{G_r - G}`` (first half) with ``G_r`` the gate at the second half's first row: both exponents are
+    ``<= 0``, so the factors cannot overflow (``e^{G_i - G_j}`` itself is their product). The two diagonal blocks
+    are summed elementwise, one key row at a time (:func:`_gla_intra_half`)."""
+    BC: tl.constexpr = BT // 2
+    i_ch = tl.program_id(0)
+    i_c, i_h = i_ch // H, i_ch % H
+    bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    o_c = tl.arange(0, BC)
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    t0 = i_t * BT
+    t1 = t0 + BC
+    m0 = ((t0 + o_c) < T)[:, None] & m_k[None, :]
+    m1 = ((t1 + o_c) < T)[:, None] & m_k[None, :]
+    p0 = ((bos + t0 + o_c[:, None]) * H + i_h) * K + o_k[None, :]
+    p1 = ((bos + t1 + o_c[:, None]) * H + i_h) * K + o_k[None, :]
+    b_g0 = tl.load(g + p0, mask=m0, other=0.0).to(tl.float32)
+    b_g1 = tl.load(g + p1, mask=m1, other=0.0).to(tl.float32)
+    b_gc0 = tl.cumsum(b_g0, 0)
+    b_g0sum = tl.sum(b_g0, 0)
+    b_gc1 = tl.cumsum(b_g1, 0) + b_g0sum[None, :]
+    # G_r: the gate at row t1 (0 past the end, where every q and k is 0 anyway)
+    m_r = m_k & ((tl.zeros_like(o_k) + t1) < T)  # a tensor mask (a scalar one fails in the interpreter)
+    b_gr = b_g0sum + tl.load(g + ((bos + t1) * H + i_h) * K + o_k, mask=m_r, other=0.0).to(tl.float32)
+    b_q1 = tl.load(q + p1, mask=m1, other=0.0).to(tl.float32)
+    b_k0 = tl.load(k + p0, mask=m0, other=0.0).to(tl.float32)
+    # fp32 operands (PREC: tf32 on a GPU for 16-bit inputs, IEEE for fp32), not rounded to the input dtype
+    b_qg = b_q1 * tl.exp(b_gc1 - b_gr[None, :])
+    b_kg = b_k0 * tl.exp(b_gr[None, :] - b_gc0)
+    b_A10 = tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
+    b_A11 = _gla_intra_half(q, k, g, bos, i_h, t1, T, b_q1, b_gc1, b_g0sum, o_c, o_k, m_k, H, K, BC)
+    b_q0 = tl.load(q + p0, mask=m0, other=0.0).to(tl.float32)
+    b_A00 = _gla_intra_half(q, k, g, bos, i_h, t0, T, b_q0, b_gc0, tl.zeros([KP], dtype=tl.float32), o_c, o_k, m_k,
+                            H, K, BC)  # fmt: skip
+    p_a0 = ((bos + t0 + o_c[:, None]) * H + i_h) * BT + o_c[None, :]
+    p_a1 = p_a0 + BC * H * BT
+    r0 = ((t0 + o_c) < T)[:, None]
+    r1 = ((t1 + o_c) < T)[:, None]
+    tl.store(A + p_a0, b_A00, mask=r0)
+    tl.store(A + p_a0 + BC, tl.zeros([BC, BC], dtype=tl.float32), mask=r0)
+    tl.store(A + p_a1, b_A10, mask=r1)
+    tl.store(A + p_a1 + BC, b_A11, mask=r1)
 
 
 @triton.jit
@@ -624,6 +702,7 @@ def _gla_fwd_o_kernel(
     v,
     g,
     hs,
+    A,
     o,
     cu_seqlens,
     chunk_indices,
@@ -639,7 +718,8 @@ def _gla_fwd_o_kernel(
     DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``o [BT, BV]`` of one ``(chunk, head)`` with the vector gate: ``scale ((q ⊙ e^G) h_n + A v)``, ``A`` above."""
+    """``o [BT, BV]`` of one ``(chunk, head)`` with the vector gate: ``scale ((q ⊙ e^G) h_n + A v)``, ``A`` from
+    :func:`_gla_intra_kernel`."""
     i_ch, i_v = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
     bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
@@ -658,14 +738,8 @@ def _gla_fwd_o_kernel(
         b_gc = tl.cumsum(tl.load(g + p_qk, mask=m_tk, other=0.0).to(tl.float32), 0)
         b_h = tl.load(p_hs + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_o += tl.dot((b_q * tl.exp(b_gc)).to(DOT), b_h.to(DOT), input_precision=PREC)
-    m_causal = o_t[:, None] >= o_t[None, :]
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for d in range(0, K):
-        p_d, m_d, b_gd = _gate_col(g, bos, o_t, m_t, i_h, d, H, K)
-        b_qd = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
-        b_kd = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
-        b_e = tl.exp(tl.where(m_causal, b_gd[:, None] - b_gd[None, :], 0.0))
-        b_A += tl.where(m_causal, b_qd[:, None] * b_kd[None, :] * b_e, 0.0)
+    o_j = tl.arange(0, BT)
+    b_A = tl.load(A + ((bos + o_t[:, None]) * H + i_h) * BT + o_j[None, :], mask=m_t[:, None], other=0.0)
     p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
     b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_o += tl.dot(b_A.to(DOT), b_v.to(DOT), input_precision=PREC)
@@ -701,59 +775,111 @@ def _gla_bwd_dqk_kernel(
     """``dq, dk, dg [BT, BK]`` of one ``(chunk, head, K block)`` with the vector gate (README, Gradients):
 
     ``dq = scale (e^G ⊙ do h_n^T + Σ_j ds_ij k_j ⊙ e^{G_i-G_j})``, ``dk = e^{G_last-G} ⊙ v dh_{n+1}^T +
-    scale Σ_i ds_ij q_i ⊙ e^{G_i-G_j}`` with ``ds = mask(do v^T)``; the intra-chunk sums run one key dim at a
-    time. ``dg_t = <dh_{n+1}, h_{n+1}>_v + Σ_{s>=t in the chunk} (q_s ⊙ dq_s - k_s ⊙ dk_s)``, per key dim.
+    scale Σ_i ds_ij q_i ⊙ e^{G_i-G_j}`` with ``ds = mask(do v^T)``, ``dg_t = <dh_{n+1}, h_{n+1}>_v + Σ_{s>=t in the
+    chunk} (q_s ⊙ dq_s - k_s ⊙ dk_s)``, per key dim. The chunk is held as two halves of ``BC = BT / 2`` rows (0 and
+    1), as in :func:`_gla_intra_kernel`: the cross-half sums are dots of operands gated around ``G_r`` (the gate at
+    half 1's first row; every exponent ``<= 0``), the within-half sums run one key row at a time.
     """
+    BC: tl.constexpr = BT // 2
     i_ch, i_k = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
     bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
+    o_c = tl.arange(0, BC)
     o_k = i_k * BK + tl.arange(0, BK)
-    m_tk = m_t[:, None] & (o_k < K)[None, :]
-    p_qk = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-    b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)
-    b_gr = tl.load(g + p_qk, mask=m_tk, other=0.0).to(tl.float32)
-    b_gc, b_glast = tl.cumsum(b_gr, 0), tl.sum(b_gr, 0)
+    m_k = o_k < K
+    t0 = i_t * BT
+    t1 = t0 + BC
+    r0, r1 = (t0 + o_c) < T, (t1 + o_c) < T
+    m0, m1 = r0[:, None] & m_k[None, :], r1[:, None] & m_k[None, :]
+    p0 = ((bos + t0 + o_c[:, None]) * H + i_h) * K + o_k[None, :]
+    p1 = ((bos + t1 + o_c[:, None]) * H + i_h) * K + o_k[None, :]
+    b_q0 = tl.load(q + p0, mask=m0, other=0.0).to(tl.float32)
+    b_q1 = tl.load(q + p1, mask=m1, other=0.0).to(tl.float32)
+    b_k0 = tl.load(k + p0, mask=m0, other=0.0).to(tl.float32)
+    b_k1 = tl.load(k + p1, mask=m1, other=0.0).to(tl.float32)
+    b_g0 = tl.load(g + p0, mask=m0, other=0.0).to(tl.float32)
+    b_g1 = tl.load(g + p1, mask=m1, other=0.0).to(tl.float32)
+    b_s0 = tl.sum(b_g0, 0)
+    b_gc0 = tl.cumsum(b_g0, 0)
+    b_gc1 = tl.cumsum(b_g1, 0) + b_s0[None, :]
+    b_glast = b_s0 + tl.sum(b_g1, 0)
+    m_r = m_k & ((tl.zeros_like(o_k) + t1) < T)  # a tensor mask (a scalar one fails in the interpreter)
+    b_gr = b_s0 + tl.load(g + ((bos + t1) * H + i_h) * K + o_k, mask=m_r, other=0.0).to(tl.float32)
     o_hs = (i_c.to(tl.int64) * H + i_h) * K * V
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dq0 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dq1 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dk0 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dk1 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_ds00 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_ds10 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_ds11 = tl.zeros([BC, BC], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
-        b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(DOT)
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(DOT)
+        m_v = o_v < V
+        pv0 = ((bos + t0 + o_c[:, None]) * H + i_h) * V + o_v[None, :]
+        pv1 = ((bos + t1 + o_c[:, None]) * H + i_h) * V + o_v[None, :]
+        b_v0 = tl.load(v + pv0, mask=r0[:, None] & m_v[None, :], other=0.0).to(DOT)
+        b_v1 = tl.load(v + pv1, mask=r1[:, None] & m_v[None, :], other=0.0).to(DOT)
+        b_do0 = tl.load(do + pv0, mask=r0[:, None] & m_v[None, :], other=0.0).to(DOT)
+        b_do1 = tl.load(do + pv1, mask=r1[:, None] & m_v[None, :], other=0.0).to(DOT)
         o_hT = o_k[None, :] * V + o_v[:, None]
-        m_hT = (o_k < K)[None, :] & (o_v < V)[:, None]
+        m_hT = m_k[None, :] & m_v[:, None]
         b_hT = tl.load(hs + o_hs + o_hT, mask=m_hT, other=0.0)
         b_dhT = tl.load(dhs + o_hs + o_hT, mask=m_hT, other=0.0)
         b_hdh += tl.sum(b_hT * b_dhT, 0)
-        b_ds += tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        b_dq += tl.dot(b_do, b_hT.to(DOT), input_precision=PREC)
-        b_dk += tl.dot(b_v, b_dhT.to(DOT), input_precision=PREC)
-    b_dq = b_dq * tl.exp(b_gc) * scale
-    b_dk = b_dk * tl.exp(b_glast[None, :] - b_gc)
-    # <dh_{n+1}, h_{n+1}> per key (summed over v); b_dk is still the state term of dk. Masked rows of k are 0.
-    b_dg_end = tl.exp(b_glast) * b_hdh + tl.sum(b_k * b_dk, 0)
-    m_causal = o_t[:, None] >= o_t[None, :]
-    b_ds = tl.where(m_causal, b_ds * scale, 0.0)
-    for d in range(0, BK):
-        i_d = i_k * BK + d
-        p_d, m_d, b_gd = _gate_col(g, bos, o_t, m_t, i_h, i_d, H, K)
-        b_qd = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
-        b_kd = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
-        b_m = tl.where(m_causal, b_ds * tl.exp(tl.where(m_causal, b_gd[:, None] - b_gd[None, :], 0.0)), 0.0)
-        sel = (o_k == i_d)[None, :]
-        b_dq += tl.where(sel, tl.sum(b_m * b_kd[None, :], 1)[:, None], 0.0)
-        b_dk += tl.where(sel, tl.sum(b_m * b_qd[:, None], 0)[:, None], 0.0)
-    tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
-    b_dg = tl.cumsum(b_q * b_dq - b_k * b_dk, 0, reverse=True) + b_dg_end[None, :]
-    tl.store(dg + p_qk, b_dg, mask=m_tk)
+        b_ds00 += tl.dot(b_do0, tl.trans(b_v0), input_precision=PREC)
+        b_ds10 += tl.dot(b_do1, tl.trans(b_v0), input_precision=PREC)
+        b_ds11 += tl.dot(b_do1, tl.trans(b_v1), input_precision=PREC)
+        b_dq0 += tl.dot(b_do0, b_hT.to(DOT), input_precision=PREC)
+        b_dq1 += tl.dot(b_do1, b_hT.to(DOT), input_precision=PREC)
+        b_dk0 += tl.dot(b_v0, b_dhT.to(DOT), input_precision=PREC)
+        b_dk1 += tl.dot(b_v1, b_dhT.to(DOT), input_precision=PREC)
+    b_dq0 = b_dq0 * tl.exp(b_gc0) * scale
+    b_dq1 = b_dq1 * tl.exp(b_gc1) * scale
+    b_dk0 = b_dk0 * tl.exp(b_glast[None, :] - b_gc0)
+    b_dk1 = b_dk1 * tl.exp(b_glast[None, :] - b_gc1)
+    # <dh_{n+1}, h_{n+1}> per key (summed over v), while b_dk is still the state term of dk. Masked rows are 0.
+    b_dg_end = tl.exp(b_glast) * b_hdh + tl.sum(b_k0 * b_dk0, 0) + tl.sum(b_k1 * b_dk1, 0)
+    # across the halves (i in half 1, j in half 0; fp32 operands, as in _gla_intra_kernel)
+    b_e1 = tl.exp(b_gc1 - b_gr[None, :])
+    b_e0 = tl.exp(b_gr[None, :] - b_gc0)
+    b_ds10 = b_ds10 * scale
+    b_dq1 += b_e1 * tl.dot(b_ds10, b_k0 * b_e0, input_precision=PREC)
+    b_dk0 += b_e0 * tl.dot(tl.trans(b_ds10), b_q1 * b_e1, input_precision=PREC)
+    # within each half: key row j of both halves at once
+    m_causal = o_c[:, None] >= o_c[None, :]
+    b_ds00 = tl.where(m_causal, b_ds00 * scale, 0.0)
+    b_ds11 = tl.where(m_causal, b_ds11 * scale, 0.0)
+    b_gj0 = tl.zeros([BK], dtype=tl.float32)
+    b_gj1 = b_s0
+    for j in range(0, BC):
+        m_j0 = m_k & ((tl.zeros_like(o_k) + t0 + j) < T)
+        m_j1 = m_k & ((tl.zeros_like(o_k) + t1 + j) < T)
+        p_j0 = ((bos + t0 + j) * H + i_h) * K + o_k
+        p_j1 = ((bos + t1 + j) * H + i_h) * K + o_k
+        b_kj0 = tl.load(k + p_j0, mask=m_j0, other=0.0).to(tl.float32)
+        b_kj1 = tl.load(k + p_j1, mask=m_j1, other=0.0).to(tl.float32)
+        b_gj0 += tl.load(g + p_j0, mask=m_j0, other=0.0).to(tl.float32)
+        b_gj1 += tl.load(g + p_j1, mask=m_j1, other=0.0).to(tl.float32)
+        below = (o_c >= j)[:, None]
+        col = (o_c == j)[None, :]
+        row = (o_c == j)[:, None]
+        b_m0 = tl.sum(tl.where(col, b_ds00, 0.0), 1)[:, None] * tl.exp(tl.where(below, b_gc0 - b_gj0[None, :], -1e30))
+        b_m1 = tl.sum(tl.where(col, b_ds11, 0.0), 1)[:, None] * tl.exp(tl.where(below, b_gc1 - b_gj1[None, :], -1e30))
+        b_dq0 += b_m0 * b_kj0[None, :]
+        b_dq1 += b_m1 * b_kj1[None, :]
+        b_dk0 += tl.where(row, tl.sum(b_m0 * b_q0, 0)[None, :], 0.0)
+        b_dk1 += tl.where(row, tl.sum(b_m1 * b_q1, 0)[None, :], 0.0)
+    tl.store(dq + p0, b_dq0.to(dq.dtype.element_ty), mask=m0)
+    tl.store(dq + p1, b_dq1.to(dq.dtype.element_ty), mask=m1)
+    tl.store(dk + p0, b_dk0.to(dk.dtype.element_ty), mask=m0)
+    tl.store(dk + p1, b_dk1.to(dk.dtype.element_ty), mask=m1)
+    b_x0 = b_q0 * b_dq0 - b_k0 * b_dk0
+    b_x1 = b_q1 * b_dq1 - b_k1 * b_dk1
+    b_dg1 = tl.cumsum(b_x1, 0, reverse=True) + b_dg_end[None, :]
+    tl.store(dg + p1, b_dg1, mask=m1)
+    tl.store(dg + p0, tl.cumsum(b_x0, 0, reverse=True) + (tl.sum(b_x1, 0) + b_dg_end)[None, :], mask=m0)
 
 
 @triton.jit
@@ -762,6 +888,7 @@ def _gla_bwd_dv_kernel(
     k,
     g,
     dhs,
+    A,
     do,
     dv,
     cu_seqlens,
@@ -778,7 +905,8 @@ def _gla_bwd_dv_kernel(
     DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """``dv [BT, BV]`` with the vector gate: ``(k ⊙ e^{G_last-G}) dh_{n+1} + scale A^T do``."""
+    """``dv [BT, BV]`` with the vector gate: ``(k ⊙ e^{G_last-G}) dh_{n+1} + scale A^T do``, ``A`` from
+    :func:`_gla_intra_kernel`."""
     i_ch, i_v = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
     bos, T, i_t = _chunk_bounds(i_c, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
@@ -798,15 +926,9 @@ def _gla_bwd_dv_kernel(
         b_k = b_k * tl.exp(tl.sum(b_gr, 0)[None, :] - tl.cumsum(b_gr, 0))
         b_dh = tl.load(dhs + o_hs + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_dv += tl.dot(b_k.to(DOT), b_dh.to(DOT), input_precision=PREC)
-    # A^T: row j, column i >= j.
-    m_causal = o_t[:, None] <= o_t[None, :]
-    b_At = tl.zeros([BT, BT], dtype=tl.float32)
-    for d in range(0, K):
-        p_d, m_d, b_gd = _gate_col(g, bos, o_t, m_t, i_h, d, H, K)
-        b_qd = tl.load(q + p_d, mask=m_d, other=0.0).to(tl.float32)
-        b_kd = tl.load(k + p_d, mask=m_d, other=0.0).to(tl.float32)
-        b_e = tl.exp(tl.where(m_causal, b_gd[None, :] - b_gd[:, None], 0.0))
-        b_At += tl.where(m_causal, b_kd[:, None] * b_qd[None, :] * b_e, 0.0)
+    # A^T (A from _gla_intra_kernel): row j, column i >= j.
+    o_j = tl.arange(0, BT)
+    b_At = tl.trans(tl.load(A + ((bos + o_t[:, None]) * H + i_h) * BT + o_j[None, :], mask=m_t[:, None], other=0.0))
     p_v = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
     b_do = tl.load(do + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_dv += tl.dot((b_At * scale).to(DOT), b_do.to(DOT), input_precision=PREC)
@@ -940,6 +1062,16 @@ def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.reshape(-1, *x.shape[2:]).contiguous()
 
 
+def _gla_intra(qf, kf, gf, layout: _Layout, seq: int, heads: int, dk: int) -> torch.Tensor:
+    """The vector gate's intra-chunk scores, fp32 ``[B*T, H, BT]`` (:func:`_gla_intra_kernel`)."""
+    a = torch.empty(qf.shape[0], heads, BT, dtype=torch.float32, device=qf.device)
+    _gla_intra_kernel[(layout.chunks * heads,)](
+        qf, kf, gf, a, layout.cu_seqlens, layout.chunk_indices, seq, H=heads, K=dk, BT=BT,
+        KP=max(32, triton.next_power_of_2(dk)), IS_VARLEN=layout.varlen, num_warps=4, **_dot_args(qf.dtype, qf.device),
+    )  # fmt: skip
+    return a
+
+
 def linear_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -979,7 +1111,8 @@ def linear_attention_fwd(
             meta |= {"IS_VARLEN": layout.varlen, "num_warps": 4, **_dot_args(q.dtype, q.device)}
             grid = (layout.chunks * heads, triton.cdiv(dv, bv))
             if vector:
-                _gla_fwd_o_kernel[grid](*args, **meta)
+                a = _gla_intra(qf, kf, gf, layout, seq, heads, dk)
+                _gla_fwd_o_kernel[grid](*args[:5], a, *args[5:], **meta)
             else:
                 _chunk_fwd_o_kernel[grid](*args, USE_G=g is not None, **meta)
     return o, ht
@@ -1046,8 +1179,9 @@ def linear_attention_bwd(
                 _gla_bwd_dqk_kernel[(layout.chunks * heads, nk)](
                     qf, kf, vf, gf, hs, dhs, dof, dq, dk_, dg, *chunk_args, scale, **common
                 )
+                a = _gla_intra(qf, kf, gf, layout, seq, heads, dk)
                 _gla_bwd_dv_kernel[(layout.chunks * heads, triton.cdiv(dv, bv))](
-                    qf, kf, gf, dhs, dof, dv_, *chunk_args, scale, **common
+                    qf, kf, gf, dhs, a, dof, dv_, *chunk_args, scale, **common
                 )
             return dq, dk_, dv_, dg, dh0
         common["USE_G"] = g is not None
