@@ -527,10 +527,12 @@ def test_triton_vector_gate_matches_recurrent(case: tuple, device: str) -> None:
 
 @pytest.mark.interpret
 @pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("log_decay", [-5.0, -40.0])
+@pytest.mark.parametrize("log_decay", [-1.9, -5.0, -40.0])
 def test_triton_vector_gate_strong_decay(log_decay: float, device: str) -> None:
     # e^-5 a token: a chunk decays by e^-320, far past fp32's range if e^{-G} were ever formed. One key dim decays
-    # slowly (-0.01) so the state keeps something to check.
+    # slowly (-0.01) so the state keeps something to check. -1.9 a token: a half chunk spans 31 * 1.9 = 58.9, just
+    # inside GATE_SPAN, so its within-half sums take the dot around the half's first row with factors up to e^59;
+    # -5 and -40 take the row-by-row sums.
     inputs = make_inputs(1, 130, 2, 32, 16, "vector", device=device)
     g = torch.full_like(inputs["g"], log_decay)
     g[..., 0] = -0.01

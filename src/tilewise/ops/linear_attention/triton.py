@@ -631,6 +631,29 @@ def _gla_intra_half(q, k, g, bos, i_h, t_start, T, b_q, b_gc, b_gstart, o_c, o_k
     return b_A
 
 
+# Within a half of a chunk, e^{G_i - G_j} = e^{G_i - G_f} e^{G_f - G_j} around the half's first row f: one dot, if
+# no factor can overflow. With |G - G_f| <= GATE_SPAN over the half (every key dim), each factor lies in
+# [e^-60, e^60] (fp32 reaches e^88), and each product term keeps its relative rounding (the masked entries above
+# the diagonal, up to e^60 |q k|, are dropped). Beyond it (decays past e^-60 within 32 tokens) the sums run row by
+# row, exactly.
+GATE_SPAN = 60.0
+
+
+@triton.jit
+def _gla_intra_diag(q, k, g, bos, i_h, t_start, T, b_q, b_k, b_gc, b_gstart, o_c, o_k, m_k, H: tl.constexpr,
+                    K: tl.constexpr, BC: tl.constexpr, SPAN: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Diagonal ``[BC, BC]`` block of ``A`` for the half from ``t_start`` (see ``GATE_SPAN``): one dot when the
+    gate's span allows, else :func:`_gla_intra_half`."""
+    b_gf = tl.sum(tl.where((o_c == 0)[:, None], b_gc, 0.0), 0)
+    if tl.max(tl.abs(b_gc - b_gf[None, :])) <= SPAN:
+        b_qf = b_q * tl.exp(b_gc - b_gf[None, :])
+        b_kf = b_k * tl.exp(b_gf[None, :] - b_gc)
+        b_A = tl.where(o_c[:, None] >= o_c[None, :], tl.dot(b_qf, tl.trans(b_kf), input_precision=PREC), 0.0)
+    else:
+        b_A = _gla_intra_half(q, k, g, bos, i_h, t_start, T, b_q, b_gc, b_gstart, o_c, o_k, m_k, H, K, BC)
+    return b_A
+
+
 @triton.jit
 def _gla_intra_kernel(
     q,
@@ -644,6 +667,7 @@ def _gla_intra_kernel(
     K: tl.constexpr,
     BT: tl.constexpr,
     KP: tl.constexpr,
+    SPAN: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
@@ -653,7 +677,8 @@ def _gla_intra_kernel(
     halves of ``BC = BT / 2`` rows. The lower-left block is one dot of ``q ⊙ e^{G - G_r}`` (second half) and
     ``k ⊙ e^{G_r - G}`` (first half) with ``G_r`` the gate at the second half's first row: both exponents are
     ``<= 0``, so the factors cannot overflow (``e^{G_i - G_j}`` itself is their product). The two diagonal blocks
-    are summed elementwise, one key row at a time (:func:`_gla_intra_half`)."""
+    are one dot each around the half's first row when the gate's span allows (``GATE_SPAN``), else summed
+    elementwise, one key row at a time (:func:`_gla_intra_half`)."""
     BC: tl.constexpr = BT // 2
     i_ch = tl.program_id(0)
     i_c, i_h = i_ch // H, i_ch % H
@@ -681,10 +706,11 @@ def _gla_intra_kernel(
     b_qg = b_q1 * tl.exp(b_gc1 - b_gr[None, :])
     b_kg = b_k0 * tl.exp(b_gr[None, :] - b_gc0)
     b_A10 = tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
-    b_A11 = _gla_intra_half(q, k, g, bos, i_h, t1, T, b_q1, b_gc1, b_g0sum, o_c, o_k, m_k, H, K, BC)
+    b_k1 = tl.load(k + p1, mask=m1, other=0.0).to(tl.float32)
+    b_A11 = _gla_intra_diag(q, k, g, bos, i_h, t1, T, b_q1, b_k1, b_gc1, b_g0sum, o_c, o_k, m_k, H, K, BC, SPAN, PREC)
     b_q0 = tl.load(q + p0, mask=m0, other=0.0).to(tl.float32)
-    b_A00 = _gla_intra_half(q, k, g, bos, i_h, t0, T, b_q0, b_gc0, tl.zeros([KP], dtype=tl.float32), o_c, o_k, m_k,
-                            H, K, BC)  # fmt: skip
+    b_A00 = _gla_intra_diag(q, k, g, bos, i_h, t0, T, b_q0, b_k0, b_gc0, tl.zeros([KP], dtype=tl.float32), o_c, o_k,
+                            m_k, H, K, BC, SPAN, PREC)  # fmt: skip
     p_a0 = ((bos + t0 + o_c[:, None]) * H + i_h) * BT + o_c[None, :]
     p_a1 = p_a0 + BC * H * BT
     r0 = ((t0 + o_c) < T)[:, None]
@@ -747,6 +773,33 @@ def _gla_fwd_o_kernel(
 
 
 @triton.jit
+def _gla_dqk_diag(k, g, bos, i_h, t_start, T, b_q, b_k, b_gc, b_gstart, b_ds, b_dq, b_dk, o_c, o_k, m_k,
+                  H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, SPAN: tl.constexpr,
+                  PREC: tl.constexpr):  # fmt: skip
+    """``(dq, dk)`` of the half from ``t_start`` plus its within-half terms ``Σ_j ds_ij k_j ⊙ e^{G_i-G_j}`` and
+    ``Σ_i ds_ij q_i ⊙ e^{G_i-G_j}`` (``b_ds`` scaled and masked to ``j <= i``): two dots around the half's first
+    row when the gate's span allows (``GATE_SPAN``), else one key row at a time."""
+    b_gf = tl.sum(tl.where((o_c == 0)[:, None], b_gc, 0.0), 0)
+    if tl.max(tl.abs(b_gc - b_gf[None, :])) <= SPAN:
+        b_eq = tl.exp(b_gc - b_gf[None, :])
+        b_ek = tl.exp(b_gf[None, :] - b_gc)
+        b_dq += b_eq * tl.dot(b_ds, b_k * b_ek, input_precision=PREC)
+        b_dk += b_ek * tl.dot(tl.trans(b_ds), b_q * b_eq, input_precision=PREC)
+    else:
+        b_gj = b_gstart
+        for j in range(0, BC):
+            m_j = m_k & ((tl.zeros_like(o_k) + t_start + j) < T)
+            p_j = ((bos + t_start + j) * H + i_h) * K + o_k
+            b_kj = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
+            b_gj += tl.load(g + p_j, mask=m_j, other=0.0).to(tl.float32)
+            b_e = tl.exp(tl.where((o_c >= j)[:, None], b_gc - b_gj[None, :], float("-inf")))
+            b_m = tl.sum(tl.where((o_c == j)[None, :], b_ds, 0.0), 1)[:, None] * b_e
+            b_dq += b_m * b_kj[None, :]
+            b_dk += tl.where((o_c == j)[:, None], tl.sum(b_m * b_q, 0)[None, :], 0.0)
+    return b_dq, b_dk
+
+
+@triton.jit
 def _gla_bwd_dqk_kernel(
     q,
     k,
@@ -768,6 +821,7 @@ def _gla_bwd_dqk_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    SPAN: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
     PREC: tl.constexpr,
@@ -778,7 +832,7 @@ def _gla_bwd_dqk_kernel(
     scale Σ_i ds_ij q_i ⊙ e^{G_i-G_j}`` with ``ds = mask(do v^T)``, ``dg_t = <dh_{n+1}, h_{n+1}>_v + Σ_{s>=t in the
     chunk} (q_s ⊙ dq_s - k_s ⊙ dk_s)``, per key dim. The chunk is held as two halves of ``BC = BT / 2`` rows (0 and
     1), as in :func:`_gla_intra_kernel`: the cross-half sums are dots of operands gated around ``G_r`` (the gate at
-    half 1's first row; every exponent ``<= 0``), the within-half sums run one key row at a time.
+    half 1's first row; every exponent ``<= 0``), the within-half ones :func:`_gla_dqk_diag`.
     """
     BC: tl.constexpr = BT // 2
     i_ch, i_k = tl.program_id(0), tl.program_id(1)
@@ -847,30 +901,14 @@ def _gla_bwd_dqk_kernel(
     b_ds10 = b_ds10 * scale
     b_dq1 += b_e1 * tl.dot(b_ds10, b_k0 * b_e0, input_precision=PREC)
     b_dk0 += b_e0 * tl.dot(tl.trans(b_ds10), b_q1 * b_e1, input_precision=PREC)
-    # within each half: key row j of both halves at once
+    # within each half
     m_causal = o_c[:, None] >= o_c[None, :]
     b_ds00 = tl.where(m_causal, b_ds00 * scale, 0.0)
     b_ds11 = tl.where(m_causal, b_ds11 * scale, 0.0)
-    b_gj0 = tl.zeros([BK], dtype=tl.float32)
-    b_gj1 = b_s0
-    for j in range(0, BC):
-        m_j0 = m_k & ((tl.zeros_like(o_k) + t0 + j) < T)
-        m_j1 = m_k & ((tl.zeros_like(o_k) + t1 + j) < T)
-        p_j0 = ((bos + t0 + j) * H + i_h) * K + o_k
-        p_j1 = ((bos + t1 + j) * H + i_h) * K + o_k
-        b_kj0 = tl.load(k + p_j0, mask=m_j0, other=0.0).to(tl.float32)
-        b_kj1 = tl.load(k + p_j1, mask=m_j1, other=0.0).to(tl.float32)
-        b_gj0 += tl.load(g + p_j0, mask=m_j0, other=0.0).to(tl.float32)
-        b_gj1 += tl.load(g + p_j1, mask=m_j1, other=0.0).to(tl.float32)
-        below = (o_c >= j)[:, None]
-        col = (o_c == j)[None, :]
-        row = (o_c == j)[:, None]
-        b_m0 = tl.sum(tl.where(col, b_ds00, 0.0), 1)[:, None] * tl.exp(tl.where(below, b_gc0 - b_gj0[None, :], -1e30))
-        b_m1 = tl.sum(tl.where(col, b_ds11, 0.0), 1)[:, None] * tl.exp(tl.where(below, b_gc1 - b_gj1[None, :], -1e30))
-        b_dq0 += b_m0 * b_kj0[None, :]
-        b_dq1 += b_m1 * b_kj1[None, :]
-        b_dk0 += tl.where(row, tl.sum(b_m0 * b_q0, 0)[None, :], 0.0)
-        b_dk1 += tl.where(row, tl.sum(b_m1 * b_q1, 0)[None, :], 0.0)
+    b_dq0, b_dk0 = _gla_dqk_diag(k, g, bos, i_h, t0, T, b_q0, b_k0, b_gc0, tl.zeros([BK], dtype=tl.float32), b_ds00,
+                                 b_dq0, b_dk0, o_c, o_k, m_k, H, K, BC, SPAN, PREC)  # fmt: skip
+    b_dq1, b_dk1 = _gla_dqk_diag(k, g, bos, i_h, t1, T, b_q1, b_k1, b_gc1, b_s0, b_ds11, b_dq1, b_dk1, o_c, o_k, m_k,
+                                 H, K, BC, SPAN, PREC)  # fmt: skip
     tl.store(dq + p0, b_dq0.to(dq.dtype.element_ty), mask=m0)
     tl.store(dq + p1, b_dq1.to(dq.dtype.element_ty), mask=m1)
     tl.store(dk + p0, b_dk0.to(dk.dtype.element_ty), mask=m0)
@@ -1067,7 +1105,8 @@ def _gla_intra(qf, kf, gf, layout: _Layout, seq: int, heads: int, dk: int) -> to
     a = torch.empty(qf.shape[0], heads, BT, dtype=torch.float32, device=qf.device)
     _gla_intra_kernel[(layout.chunks * heads,)](
         qf, kf, gf, a, layout.cu_seqlens, layout.chunk_indices, seq, H=heads, K=dk, BT=BT,
-        KP=max(32, triton.next_power_of_2(dk)), IS_VARLEN=layout.varlen, num_warps=4, **_dot_args(qf.dtype, qf.device),
+        KP=max(32, triton.next_power_of_2(dk)), SPAN=GATE_SPAN, IS_VARLEN=layout.varlen, num_warps=4,
+        **_dot_args(qf.dtype, qf.device),
     )  # fmt: skip
     return a
 
@@ -1177,7 +1216,7 @@ def linear_attention_bwd(
             dg = torch.empty(batch, seq, heads, dk, dtype=torch.float32, device=q.device)
             if layout.chunks:
                 _gla_bwd_dqk_kernel[(layout.chunks * heads, nk)](
-                    qf, kf, vf, gf, hs, dhs, dof, dq, dk_, dg, *chunk_args, scale, **common
+                    qf, kf, vf, gf, hs, dhs, dof, dq, dk_, dg, *chunk_args, scale, SPAN=GATE_SPAN, **common
                 )
                 a = _gla_intra(qf, kf, gf, layout, seq, heads, dk)
                 _gla_bwd_dv_kernel[(layout.chunks * heads, triton.cdiv(dv, bv))](
