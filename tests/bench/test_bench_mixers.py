@@ -28,6 +28,7 @@ def test_mixers_suite_rows_on_cpu() -> None:
             attn = [
                 "tilewise linear_attention g=None (reference)",
                 "tilewise linear_attention g=[B,T,H] (reference)",
+                "tilewise linear_attention g=[B,T,H,D] (reference)",
                 "tilewise block_sparse_attention (reference)",
                 "torch SDPA causal",
             ]
@@ -49,7 +50,8 @@ def test_mixers_suite_rows_on_cpu() -> None:
                 fwd_bytes = (2 * b * c * t + c * t) * 2
                 assert r["bytes"] == (fwd_bytes if op == "fwd" else 2 * fwd_bytes)
             assert group["fla chunk_linear_attn"]["status"] == "missing (pip install flash-linear-attention)"
-            assert group["fla chunk_simple_gla"]["status"] == "missing (pip install flash-linear-attention)"
+            for name in ("fla chunk_simple_gla", "fla chunk_gla"):
+                assert group[name]["status"] == "missing (pip install flash-linear-attention)"
 
 
 def test_mixers_suite_peers_option() -> None:

@@ -7,13 +7,15 @@ a fixed ``do``). ``n`` is ``T``; ``numel`` is the elements of one input (``B*H*T
 
 Implementations, attention-like (``q, k, v [B, H, T, D]``, or ``[B, T, H, D]`` where the op takes that layout):
 
-- tilewise :func:`tilewise.ops.linear_attention` with ``g=None`` and with a scalar gate ``g [B, T, H]``;
+- tilewise :func:`tilewise.ops.linear_attention` with ``g=None``, with a scalar gate ``g [B, T, H]`` and with a
+  vector gate ``g [B, T, H, D]`` (GLA);
 - tilewise :func:`tilewise.ops.block_sparse_attention` with a fixed seeded block mask keeping about 10% of the
   causal blocks (always the diagonal and the first key block; ``check`` gives the kept fraction);
 - torch SDPA, causal (dense: the baseline the sparse and linear ops must beat);
 - FlexAttention with the same block mask (``create_block_mask``; ``torch.compile``-d on CUDA, eager on the CPU,
   where its backward does not run: such rows say ``"skipped on CPU"``);
-- fla's ``chunk_linear_attn`` and ``chunk_simple_gla`` when ``fla`` imports (else ``"missing (pip install ...)"``).
+- fla's ``chunk_linear_attn``, ``chunk_simple_gla`` and ``chunk_gla`` when ``fla`` imports (else ``"missing (pip
+  install ...)"``).
 
 The long convolution (``u [B, C, T]``, ``k [C, T]``, ``C = 768`` on CUDA, 16 on the CPU; ``T <= 65536``):
 tilewise :func:`tilewise.ops.fft_conv` (its Triton kernel on CUDA where ``T <= MAX_TRITON_N``) beside the
@@ -146,6 +148,7 @@ def _attention_rows(dev: torch.device, dtype: torch.dtype, t: int, shape: tuple[
     q, k, v, do = (torch.randn(b, h, t, d, device=dev, generator=gen, dtype=dtype) for _ in range(4))
     q_t, k_t, v_t, do_t = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
     g = F.logsigmoid(4 + torch.randn(b, t, h, device=dev, generator=gen))  # scalar gate, decay ~0.98
+    gv = F.logsigmoid(4 + torch.randn(b, t, h, d, device=dev, generator=gen))  # vector gate, the same per key dim
     for x in (q, k, v, q_t, k_t, v_t):
         x.requires_grad_()
     mask = keep_mask(t, block, seed=seed).to(dev)
@@ -192,6 +195,8 @@ def _attention_rows(dev: torch.device, dtype: torch.dtype, t: int, shape: tuple[
                               note=cpu_note))  # fmt: skip
         rows.append(group.row(op, f"tilewise linear_attention g=[B,T,H] ({la_backend})", timed(linear(g), "bthd"),
                               note=cpu_note))  # fmt: skip
+        rows.append(group.row(op, f"tilewise linear_attention g=[B,T,H,D] ({la_backend})", timed(linear(gv), "bthd"),
+                              note=cpu_note))  # fmt: skip
         rows.append(group.row(op, f"tilewise block_sparse_attention ({bs_backend})", timed(sparse, "bhtd"),
                               check=kept, note=cpu_note))  # fmt: skip
         rows.append(group.row(op, "torch SDPA causal", timed(sdpa, "bhtd"), check="dense causal"))
@@ -199,15 +204,16 @@ def _attention_rows(dev: torch.device, dtype: torch.dtype, t: int, shape: tuple[
         rows.append(group.row(op, label, lambda op=op: _timed_call(flex(), (q, k, v), op, do), check=kept,
                               cpu_skip=True))  # fmt: skip
         if "fla" in peers:
-            rows += _fla_rows(group, op, (q_t, k_t, v_t), do_t, g)
+            rows += _fla_rows(group, op, (q_t, k_t, v_t), do_t, g, gv)
     return rows
 
 
-def _fla_rows(group: _Group, op: str, inputs: tuple[torch.Tensor, ...], grad: torch.Tensor,
-              g: torch.Tensor) -> list[dict[str, Any]]:  # fmt: skip
-    """fla's chunked linear attention (unnormalized, as ours) and simple GLA (scalar gate), ``[B, T, H, D]``."""
+def _fla_rows(group: _Group, op: str, inputs: tuple[torch.Tensor, ...], grad: torch.Tensor, g: torch.Tensor,
+              gv: torch.Tensor) -> list[dict[str, Any]]:  # fmt: skip
+    """fla's chunked linear attention (unnormalized, as ours), simple GLA (scalar gate ``g``) and GLA (vector gate
+    ``gv``), ``[B, T, H, D]``."""
     loaded = load_peer(PEERS["fla"])
-    names = ("fla chunk_linear_attn", "fla chunk_simple_gla")
+    names = ("fla chunk_linear_attn", "fla chunk_simple_gla", "fla chunk_gla")
     if loaded.module is None:
         return [group.missing(op, name, loaded.status) for name in names]
     version = f" {loaded.version}" if loaded.version else ""
@@ -220,9 +226,13 @@ def _fla_rows(group: _Group, op: str, inputs: tuple[torch.Tensor, ...], grad: to
         chunk = importlib.import_module("fla.ops.simple_gla").chunk_simple_gla
         return chunk(q, k, v, g=g)[0]
 
+    def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        chunk = importlib.import_module("fla.ops.gla").chunk_gla
+        return chunk(q, k, v, g=gv)[0]
+
     return [
         group.row(op, name + version, lambda fn=fn: _timed_call(fn, inputs, op, grad))
-        for name, fn in zip(names, (linear_attn, simple_gla), strict=True)
+        for name, fn in zip(names, (linear_attn, simple_gla, gla), strict=True)
     ]
 
 
