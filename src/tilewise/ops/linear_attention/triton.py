@@ -612,6 +612,19 @@ def _fused_bwd_dv_kernel(
 
 
 @triton.jit
+def _gla_key_row(k, g, bos, i_h, t, T, b_gc, b_gj, below, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """Key row ``t`` for the row-by-row within-half sums: ``(k_t, G_t, e^{G_i - G_t})`` over the half's rows ``i``
+    (``b_gc``), with ``b_gj`` the cumulative gate before row ``t`` and the exponent masked to ``-inf`` where not
+    ``below`` (``i < t``), so it is never positive."""
+    m_t = m_k & ((tl.zeros_like(o_k) + t) < T)  # a tensor mask (a scalar one fails in the interpreter)
+    p_t = ((bos + t) * H + i_h) * K + o_k
+    b_kt = tl.load(k + p_t, mask=m_t, other=0.0).to(tl.float32)
+    b_gj += tl.load(g + p_t, mask=m_t, other=0.0).to(tl.float32)
+    b_e = tl.exp(tl.where(below[:, None], b_gc - b_gj[None, :], float("-inf")))
+    return b_kt, b_gj, b_e
+
+
+@triton.jit
 def _gla_intra_half(q, k, g, bos, i_h, t_start, T, b_q, b_gc, b_gstart, o_c, o_k, m_k, H: tl.constexpr,
                     K: tl.constexpr, BC: tl.constexpr):  # fmt: skip
     """``[BC, BC]`` diagonal block of ``A`` for the ``BC`` rows from ``t_start``: ``b_q``, ``b_gc`` their query and
@@ -621,11 +634,7 @@ def _gla_intra_half(q, k, g, bos, i_h, t_start, T, b_q, b_gc, b_gstart, o_c, o_k
     b_A = tl.zeros([BC, BC], dtype=tl.float32)
     b_gj = b_gstart
     for j in range(0, BC):
-        m_j = m_k & ((tl.zeros_like(o_k) + t_start + j) < T)
-        p_j = ((bos + t_start + j) * H + i_h) * K + o_k
-        b_kj = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
-        b_gj += tl.load(g + p_j, mask=m_j, other=0.0).to(tl.float32)
-        b_e = tl.exp(tl.where((o_c >= j)[:, None], b_gc - b_gj[None, :], float("-inf")))
+        b_kj, b_gj, b_e = _gla_key_row(k, g, bos, i_h, t_start + j, T, b_gc, b_gj, o_c >= j, o_k, m_k, H, K)
         b_col = tl.sum(b_q * b_kj[None, :] * b_e, 1)
         b_A += tl.where((o_c == j)[None, :], b_col[:, None], 0.0)
     return b_A
@@ -788,11 +797,7 @@ def _gla_dqk_diag(k, g, bos, i_h, t_start, T, b_q, b_k, b_gc, b_gstart, b_ds, b_
     else:
         b_gj = b_gstart
         for j in range(0, BC):
-            m_j = m_k & ((tl.zeros_like(o_k) + t_start + j) < T)
-            p_j = ((bos + t_start + j) * H + i_h) * K + o_k
-            b_kj = tl.load(k + p_j, mask=m_j, other=0.0).to(tl.float32)
-            b_gj += tl.load(g + p_j, mask=m_j, other=0.0).to(tl.float32)
-            b_e = tl.exp(tl.where((o_c >= j)[:, None], b_gc - b_gj[None, :], float("-inf")))
+            b_kj, b_gj, b_e = _gla_key_row(k, g, bos, i_h, t_start + j, T, b_gc, b_gj, o_c >= j, o_k, m_k, H, K)
             b_m = tl.sum(tl.where((o_c == j)[None, :], b_ds, 0.0), 1)[:, None] * b_e
             b_dq += b_m * b_kj[None, :]
             b_dk += tl.where((o_c == j)[:, None], tl.sum(b_m * b_q, 0)[None, :], 0.0)
